@@ -1,0 +1,1 @@
+"""Backends that launch a planned job: local (torchrun), and later Slurm and Ray."""

@@ -1,0 +1,1 @@
+"""FTL, the fine-tuning launcher: job spec, planner, CLI and the per-rank training entry."""

@@ -1,0 +1,232 @@
+"""`ftl`: plan and run fine-tuning jobs. Every user mistake is printed as one paragraph, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from launcher.errors import FTLError
+from launcher.memory import MemoryBreakdown
+from launcher.planner import AUTO_ORDER, HEADROOM, Plan, estimate, plan, request_from_spec
+from launcher.spec import JobSpec, load_spec
+
+console = Console(highlight=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    # Overrides may come after options (`ftl plan job.yaml --gpus 8 train.lr=1e-4`); argparse leaves those over.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except FTLError as exc:
+        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftl", description="FTL, the fine-tuning launcher.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("job", type=Path, help="the job spec (YAML)")
+        cmd.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override spec fields, e.g. train.lr=1e-4")
+        cmd.add_argument("--gpus", type=int, metavar="N", help="GPUs (on CPU: processes) per node; = hardware.gpus_per_node=N")
+        cmd.add_argument("--nodes", type=int, metavar="M", help="machines; = hardware.nodes=M")
+        cmd.add_argument("--gpu-mem", metavar="SIZE", help="memory of one GPU, e.g. 80GB; = hardware.gpu_mem=SIZE")
+        return cmd
+
+    p = job_command("plan", "Count parameters, choose the strategy, show per-rank memory and the command.")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.set_defaults(func=cmd_plan)
+
+    r = job_command("run", "Run the job on this machine with torchrun.")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and command, write and run nothing")
+    r.add_argument("--no-resume", action="store_true", help="start fresh; earlier checkpoints move to previous-<time>/")
+    r.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous for a multi-node run (run the same command on each node)")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("spec", help="Show the job spec's fields.")
+    s.add_argument("--schema", action="store_true", help="print the JSON schema with every field's meaning")
+    s.set_defaults(func=cmd_spec)
+    return parser
+
+
+def load_job(args: argparse.Namespace) -> JobSpec:
+    overrides = list(args.overrides)
+    for flag, key in (("gpus", "hardware.gpus_per_node"), ("nodes", "hardware.nodes"), ("gpu_mem", "hardware.gpu_mem")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return load_spec(args.job, overrides)
+
+
+def resolve_device(spec: JobSpec) -> str:
+    """The device the job will run on; `auto` looks at this machine (the only I/O the plan depends on)."""
+    if spec.hardware.device != "auto":
+        return spec.hardware.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_job_plan(spec: JobSpec) -> Plan:
+    from launcher.model_info import model_shape
+
+    return plan(request_from_spec(spec, model_shape(spec.model), resolve_device(spec)))
+
+
+def job_command(spec: JobSpec, rdzv_endpoint: str | None = None) -> list[str]:
+    from cluster.local import torchrun_argv
+
+    return torchrun_argv(
+        spec.output_dir / "spec.yaml",
+        nproc_per_node=spec.hardware.gpus_per_node,
+        nnodes=spec.hardware.nodes,
+        rdzv_endpoint=rdzv_endpoint,
+        run_id=spec.output_dir.name,
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_job(args)
+    job_plan = make_job_plan(spec)
+    command = job_command(spec)
+    if args.json:
+        print(json.dumps({**job_plan.to_dict(), "command": command}, indent=2))
+    else:
+        print_plan(job_plan, command)
+    return 0 if job_plan.fits else 2
+
+
+def print_plan(job_plan: Plan, command: list[str]) -> None:
+    r = job_plan.request
+    console.print(
+        f"[bold]model[/]  {r.shape.params_total:,} parameters ({_short(r.shape.params_total)}), "
+        f"{r.params_trainable:,} trainable ({r.params_trainable / r.shape.params_total:.1%}), method {r.method}"
+    )
+    console.print(
+        f"[bold]hardware[/]  {r.nodes} node(s) x {r.gpus_per_node} {r.device} = {r.world_size} ranks, "
+        f"{_gib(r.gpu_mem_bytes)} each, {r.precision}; micro-batch {r.micro_batch_size} x {r.seq_len} tokens, "
+        f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
+    )
+    table = Table(title=f"per-rank memory (budget {int(HEADROOM * 100)}% of {_gib(r.gpu_mem_bytes)} = {_gib(job_plan.budget_bytes)})")
+    shown = list(AUTO_ORDER) if job_plan.strategy in AUTO_ORDER else [*AUTO_ORDER, job_plan.strategy]
+    estimates = {s: (job_plan.per_rank if s == job_plan.strategy else estimate(r, s).memory) for s in shown}
+    table.add_column("")
+    for name in shown:
+        mark = " (chosen)" if name == job_plan.strategy else ""
+        table.add_column(name + mark, justify="right", style="bold green" if mark else None)
+    for label, key in (("parameters", "params"), ("gradients", "grads"), ("optimizer", "optimizer"),
+                       ("activations", "activations"), ("logits", "logits"), ("overhead", "overhead"), ("total", "total")):
+        table.add_row(label, *(_gib(_field(estimates[s], key)) for s in shown))
+    table.add_row("host (offload)", *(_gib(estimates[s].host * r.gpus_per_node) + "/node" if estimates[s].host else "-" for s in shown))
+    table.add_row("fits", *("yes" if _field(estimates[s], "total") <= job_plan.budget_bytes else "no" for s in shown))
+    console.print(table)
+    verdict = "[bold green]" if job_plan.fits else "[bold red]"
+    console.print(f"{verdict}strategy {job_plan.strategy}[/]: {job_plan.reason}")
+    for strategy, why in job_plan.rejected:
+        console.print(f"  rejected {strategy}: {why}")
+    for warning in job_plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    if job_plan.suggestions:
+        console.print("[bold]what would fit:[/]")
+        for line in job_plan.suggestions:
+            console.print(f"  - {line}")
+    console.print("[bold]command[/]  " + " ".join(command))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cluster.local import run_local
+
+    spec = load_job(args)
+    job_plan = make_job_plan(spec)
+    if not job_plan.fits and spec.strategy == "auto":
+        print_plan(job_plan, job_command(spec, args.rdzv_endpoint))
+        raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
+    for warning in job_plan.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
+    if spec.hardware.nodes > 1 and not args.rdzv_endpoint:
+        raise FTLError(
+            f"`hardware.nodes` is {spec.hardware.nodes}: `ftl run` runs one machine. Run the same command on each "
+            "node with `--rdzv-endpoint HOST:PORT` (HOST is the first node), or use `ftl submit --to slurm`."
+        )
+    _check_devices(spec, resolve_device(spec))
+    command = job_command(spec, args.rdzv_endpoint)
+    if args.dry_run:
+        print_plan(job_plan, command)
+        return 0
+    prepare_run_dir(spec, job_plan, fresh=args.no_resume)
+    console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
+    console.print("[dim]" + " ".join(command) + "[/]")
+    return run_local(command)
+
+
+def _check_devices(spec: JobSpec, device: str) -> None:
+    if device != "cuda":
+        return
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < spec.hardware.gpus_per_node:
+        raise FTLError(
+            f"`hardware.gpus_per_node` is {spec.hardware.gpus_per_node} but this machine has {have} CUDA device(s). "
+            f"Pass --gpus {have} or `hardware.device=cpu`."
+        )
+
+
+def prepare_run_dir(spec: JobSpec, job_plan: Plan, fresh: bool) -> None:
+    """Write the resolved spec and the plan; set aside (never delete) what an earlier run left."""
+    run_dir = spec.output_dir
+    earlier = [run_dir / name for name in ("checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
+    if earlier and not fresh:
+        raise FTLError(
+            f"The run dir {run_dir} already holds an earlier run ({', '.join(p.name for p in earlier)}). Pass "
+            "--no-resume to start fresh (the earlier files move to previous-<time>/ inside it, nothing is "
+            "deleted), or set `output_dir` to a new folder."
+        )
+    if earlier:
+        aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+        aside.mkdir(parents=True)
+        for path in earlier:
+            path.rename(aside / path.name)
+        console.print(f"earlier run moved to {aside}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    (run_dir / "plan.json").write_text(json.dumps(job_plan.to_dict(), indent=2) + "\n")
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    return 0
+
+
+def _field(memory: MemoryBreakdown, key: str) -> int:
+    return memory.total if key == "total" else getattr(memory, key)
+
+
+def _gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:,.1f} GiB"
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Rank 0's view of training: `metrics.jsonl` in the run dir (one JSON object per logged step) and a
+rich progress bar with loss, tokens/s and ETA. On a non-terminal (CI, Slurm logs) each logged step is
+one plain line instead."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.console = Console(stderr=False)
+        self.progress: Progress | None = None
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, loss="-", tps="-")
+            self.progress.start()
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "elapsed_s": round(self.elapsed_s(), 3)}
+        self.file.write(json.dumps(record) + "\n")
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in record.items())
+        if self.progress is not None:
+            fields = {}
+            if "loss" in record:
+                fields = {"loss": f"{record['loss']:.4f}", "tps": f"{record.get('tokens_per_s', 0):,.0f}"}
+            self.progress.update(self.task, completed=record.get("step", 0), **fields)
+            self.progress.console.log(text)
+        else:
+            self.console.print(text, highlight=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.progress.console if self.progress else self.console).print(text, highlight=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        self.file.close()
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)

@@ -1,0 +1,104 @@
+"""What the planner needs to know about a model, read from its config on the meta device: no weights.
+
+This is the only planner input that touches torch; the result is a frozen `ModelShape` so that
+`launcher.memory` and `launcher.planner` stay pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from launcher.errors import FTLError
+from launcher.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes that drive memory: counts are exact (from the meta-device model), dims come from the config."""
+
+    params_total: int
+    params_embedding: int  # input embedding (+ output head when untied)
+    params_largest_block: int  # the biggest repeated transformer block: the unit FSDP/ZeRO-3 gathers
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    linear_names: tuple[str, ...] = ()  # leaf names of the Linear layers inside a block (q_proj, ...)
+    block_linear_params: int = 0  # weights of the Linear layers in one block (what 4-bit quantises)
+    block_linear_dims: int = 0  # sum of in+out features over those layers (LoRA adds r * this per block)
+
+
+def build_config(spec: ModelSpec) -> PretrainedConfig:
+    """The HF config of the job's model, from the inline `model.config` or the local folder."""
+    try:
+        if spec.config is not None:
+            fields = dict(spec.config)
+            return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return AutoConfig.from_pretrained(spec.name_or_path, local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        where = "`model.config`" if spec.config is not None else f"`model.name_or_path` ({spec.name_or_path})"
+        raise FTLError(f"Cannot build the model config from {where}: {exc}. Check model_type and field names.") from None
+
+
+def model_shape(spec: ModelSpec) -> ModelShape:
+    return _shape_of(build_config(spec))
+
+
+def _shape_of(config: PretrainedConfig) -> ModelShape:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params_total = sum(p.numel() for p in model.parameters())
+    blocks = transformer_blocks(model)
+    largest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        embedding += head.weight.numel()
+    linears = {name: mod for name, mod in largest.named_modules() if isinstance(mod, torch.nn.Linear)}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _first(text, "hidden_size", "n_embd", "d_model")
+    heads = _first(text, "num_attention_heads", "n_head")
+    return ModelShape(
+        params_total=params_total,
+        params_embedding=embedding,
+        params_largest_block=sum(p.numel() for p in largest.parameters()),
+        num_layers=len(blocks),
+        hidden_size=hidden,
+        intermediate_size=_first(text, "intermediate_size", "n_inner", default=4 * hidden) or 4 * hidden,
+        num_heads=heads,
+        num_kv_heads=_first(text, "num_key_value_heads", default=heads) or heads,
+        vocab_size=text.vocab_size,
+        linear_names=tuple(sorted({name.rsplit(".", 1)[-1] for name in linears})),
+        block_linear_params=sum(m.weight.numel() for m in linears.values()),
+        block_linear_dims=sum(m.in_features + m.out_features for m in linears.values()),
+    )
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformer: the longest ModuleList whose items share one class.
+
+    Found structurally rather than by family name (model.layers, transformer.h, encoder.layer, ...) so
+    new architectures work without a table.
+    """
+    best: list[torch.nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            if len({type(m) for m in module}) == 1:
+                best = list(module)
+    if not best:
+        raise FTLError(f"Cannot find the repeated transformer blocks of {type(model).__name__}; FTL supports transformer models.")
+    return best
+
+
+def _first(config: PretrainedConfig, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    if default is None:
+        raise FTLError(f"The model config has none of {names}; FTL cannot size this architecture.")
+    return default

@@ -1,0 +1,301 @@
+"""Choose the parallel strategy for a job. Pure: a frozen `PlanRequest` in, a frozen `Plan` out.
+
+The choice is the least-communication strategy whose per-rank peak fits the device with headroom:
+DDP -> ZeRO-1 -> ZeRO-2 -> FSDP2 (ZeRO-3 equivalent; HSDP within a node first on several nodes)
+-> ZeRO-3 with CPU offload. If nothing fits, the plan says by how much and what would fit instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from launcher.memory import GiB, MemoryBreakdown, MemoryInputs, per_rank_memory
+from launcher.model_info import ModelShape
+from launcher.spec import JobSpec
+
+# Fraction of device memory a plan may use: the rest absorbs allocator fragmentation and spikes.
+HEADROOM = 0.90
+AUTO_ORDER = ("ddp", "zero1", "zero2", "fsdp2", "zero3_offload")
+# How much each strategy shards model states; a bigger job must never get a smaller number.
+SHARDING_LEVEL = {"ddp": 0, "zero1": 1, "zero2": 2, "fsdp2": 3, "zero3": 3, "fsdp2_offload": 4, "zero3_offload": 4}
+# NF4 weight (4 bits) plus double-quantised constants (0.127 bits/param, Dettmers et al., QLoRA 2023).
+NF4_BYTES_PER_PARAM = (4 + 0.127) / 8
+SUGGESTED_LORA_RANK = 16
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    shape: ModelShape
+    params_trainable: int
+    frozen_bytes_per_param: float
+    micro_batch_size: int
+    seq_len: int
+    activation_checkpointing: bool
+    precision: str  # "bf16" | "fp32"
+    device: str  # "cuda" | "cpu"
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_bytes: int
+    cpu_mem_bytes: int
+    strategy: str = "auto"
+    method: str = "full"
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def memory_inputs(self) -> MemoryInputs:
+        return MemoryInputs(
+            shape=self.shape,
+            params_trainable=self.params_trainable,
+            frozen_bytes_per_param=self.frozen_bytes_per_param,
+            precision=self.precision,
+            device=self.device,
+            micro_batch_size=self.micro_batch_size,
+            seq_len=self.seq_len,
+            activation_checkpointing=self.activation_checkpointing,
+        )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    strategy: str
+    shard_group: int  # ranks that share one copy of the model states
+    memory: MemoryBreakdown
+    fits: bool
+    why_not: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: PlanRequest
+    strategy: str
+    shard_group: int
+    fits: bool
+    reason: str
+    per_rank: MemoryBreakdown
+    rejected: tuple[tuple[str, str], ...]
+    suggestions: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.request.gpu_mem_bytes * HEADROOM)
+
+    @property
+    def replicas(self) -> int:
+        return self.request.world_size // self.shard_group
+
+    def to_dict(self) -> dict:
+        r = self.request
+        return {
+            "params_total": r.shape.params_total,
+            "params_trainable": r.params_trainable,
+            "method": r.method,
+            "strategy": self.strategy,
+            "fits": self.fits,
+            "reason": self.reason,
+            "world_size": r.world_size,
+            "nodes": r.nodes,
+            "gpus_per_node": r.gpus_per_node,
+            "shard_group": self.shard_group,
+            "device": r.device,
+            "precision": r.precision,
+            "gpu_mem_bytes": r.gpu_mem_bytes,
+            "budget_bytes": self.budget_bytes,
+            "per_rank_bytes": self.per_rank.as_dict(),
+            "rejected": [{"strategy": s, "reason": why} for s, why in self.rejected],
+            "suggestions": list(self.suggestions),
+            "warnings": list(self.warnings),
+        }
+
+
+def request_from_spec(spec: JobSpec, shape: ModelShape, device: str) -> PlanRequest:
+    """The planner's view of a job. `device` is the resolved one ("cuda" or "cpu"): resolving `auto`
+    means looking at the machine, which the caller does."""
+    precision = spec.train.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    return PlanRequest(
+        shape=shape,
+        params_trainable=shape.params_total,  # `full`: every parameter trains
+        frozen_bytes_per_param=2 if precision == "bf16" else 4,
+        micro_batch_size=spec.train.micro_batch_size,
+        seq_len=spec.train.seq_len,
+        activation_checkpointing=spec.train.activation_checkpointing,
+        precision=precision,
+        device=device,
+        nodes=spec.hardware.nodes,
+        gpus_per_node=spec.hardware.gpus_per_node,
+        gpu_mem_bytes=int(spec.hardware.gpu_mem),
+        cpu_mem_bytes=int(spec.hardware.cpu_mem),
+        strategy=spec.strategy,
+        method=spec.method.name,
+    )
+
+
+def estimate(request: PlanRequest, strategy: str) -> Estimate:
+    """Per-rank memory of `strategy` for this request, with the sharding group FTL would use."""
+    inputs = request.memory_inputs
+    groups = [request.world_size]
+    if strategy == "fsdp2" and request.nodes > 1:
+        groups.insert(0, request.gpus_per_node)  # HSDP: shard inside a node, replicate across nodes
+    for group in groups:
+        memory = per_rank_memory(strategy, inputs, group)
+        why_not = _why_not(request, memory)
+        if not why_not:
+            return Estimate(strategy, group, memory, True)
+    return Estimate(strategy, groups[-1], memory, False, why_not)
+
+
+def plan(request: PlanRequest) -> Plan:
+    if request.strategy != "auto":
+        return _forced(request)
+    rejected: list[tuple[str, str]] = []
+    for strategy in AUTO_ORDER:
+        est = estimate(request, strategy)
+        if est.fits:
+            return Plan(
+                request=request,
+                strategy=strategy,
+                shard_group=est.shard_group,
+                fits=True,
+                reason=_why_chosen(request, est, rejected),
+                per_rank=est.memory,
+                rejected=tuple(rejected),
+            )
+        rejected.append((strategy, est.why_not))
+    best = estimate(request, "fsdp2")
+    short = best.memory.total - int(request.gpu_mem_bytes * HEADROOM)
+    return Plan(
+        request=request,
+        strategy="fsdp2",
+        shard_group=best.shard_group,
+        fits=False,
+        reason=(
+            f"Nothing fits: even fully sharded (fsdp2 over {request.world_size} ranks) one rank needs "
+            f"{_gib(best.memory.total)}, {_gib(short)} over {int(HEADROOM * 100)}% of {_gib(request.gpu_mem_bytes)}, "
+            f"and offloading to the CPU is rejected ({rejected[-1][1]})."
+        ),
+        per_rank=best.memory,
+        rejected=tuple(rejected),
+        suggestions=suggestions(request),
+    )
+
+
+def _forced(request: PlanRequest) -> Plan:
+    est = estimate(request, request.strategy)
+    warnings: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    if not est.fits:
+        warnings = (
+            f"Forced strategy {request.strategy} does not fit: {est.why_not}. The run will likely run out of memory.",
+        )
+        extra = suggestions(request)
+    auto = plan(replace(request, strategy="auto"))
+    note = f" (auto would pick {auto.strategy})" if auto.fits and auto.strategy != request.strategy else ""
+    return Plan(
+        request=request,
+        strategy=request.strategy,
+        shard_group=est.shard_group,
+        fits=est.fits,
+        reason=f"forced by `strategy: {request.strategy}`{note}",
+        per_rank=est.memory,
+        rejected=(),
+        suggestions=extra,
+        warnings=warnings,
+    )
+
+
+def _why_not(request: PlanRequest, memory: MemoryBreakdown) -> str:
+    budget = int(request.gpu_mem_bytes * HEADROOM)
+    if memory.total > budget:
+        return f"needs {_gib(memory.total)} per rank, over {int(HEADROOM * 100)}% of {_gib(request.gpu_mem_bytes)}"
+    host_per_node = memory.host * request.gpus_per_node
+    if host_per_node > request.cpu_mem_bytes * HEADROOM:
+        return (
+            f"offloaded states need {_gib(host_per_node)} of host memory per node, over "
+            f"{int(HEADROOM * 100)}% of hardware.cpu_mem ({_gib(request.cpu_mem_bytes)})"
+        )
+    return ""
+
+
+def _why_chosen(request: PlanRequest, est: Estimate, rejected: list[tuple[str, str]]) -> str:
+    fits = f"{_gib(est.memory.total)} per rank fits in {int(HEADROOM * 100)}% of {_gib(request.gpu_mem_bytes)}"
+    if est.strategy == "ddp":
+        return f"model states fit on every rank unsharded ({fits}); DDP communicates least"
+    first = "; ".join(f"{s} {why}" for s, why in rejected[-1:])
+    if est.strategy == "fsdp2" and est.shard_group < request.world_size:
+        return (
+            f"HSDP: shard within each node ({est.shard_group} ranks), replicate across {request.nodes} nodes "
+            f"({fits}); rejected before it: {first}"
+        )
+    return f"least communication that fits ({fits}); rejected before it: {first}"
+
+
+def suggestions(request: PlanRequest) -> tuple[str, ...]:
+    """What would make the job fit, each with its figures."""
+    out: list[str] = []
+    if not request.activation_checkpointing:
+        out.append(_try(request, "train.activation_checkpointing=true", activation_checkpointing=True))
+    if request.micro_batch_size > 1:
+        out.append(_try(request, "train.micro_batch_size=1", micro_batch_size=1))
+    if request.method == "full":
+        lora = lora_params(request.shape, SUGGESTED_LORA_RANK)
+        dense = 2 if request.precision == "bf16" else 4
+        out.append(_try(request, f"method LoRA r={SUGGESTED_LORA_RANK} ({_count(lora)} trainable)", params_trainable=lora, frozen_bytes_per_param=dense))
+        out.append(
+            _try(
+                request,
+                f"method QLoRA r={SUGGESTED_LORA_RANK} (4-bit NF4 base)",
+                params_trainable=lora,
+                frozen_bytes_per_param=qlora_frozen_bytes_per_param(request.shape, request.precision),
+            )
+        )
+    nodes = _nodes_needed(request)
+    if nodes:
+        out.append(f"more GPUs: {nodes} nodes x {request.gpus_per_node} GPUs ({nodes * request.gpus_per_node} in all) fit with fsdp2")
+    else:
+        out.append("more GPUs: even 1024 nodes do not fit unsharded activations; reduce seq_len or micro_batch_size")
+    return tuple(out)
+
+
+def _try(request: PlanRequest, label: str, **changes: object) -> str:
+    alt = plan(replace(request, strategy="auto", **changes))
+    if alt.fits:
+        return f"{label}: fits with {alt.strategy}, {_gib(alt.per_rank.total)} per rank"
+    return f"{label}: still {_gib(alt.per_rank.total)} per rank, does not fit alone"
+
+
+def _nodes_needed(request: PlanRequest) -> int:
+    for nodes in (2**k for k in range(0, 11)):
+        if nodes <= request.nodes:
+            continue
+        if estimate(replace(request, nodes=nodes), "fsdp2").fits:
+            return nodes
+    return 0
+
+
+def lora_params(shape: ModelShape, rank: int) -> int:
+    """LoRA on every Linear of every block: r * (in + out) each."""
+    return rank * shape.block_linear_dims * shape.num_layers
+
+
+def qlora_frozen_bytes_per_param(shape: ModelShape, precision: str) -> float:
+    """Average bytes per frozen parameter with block Linears in NF4 and the rest (embeddings, norms) dense."""
+    quantised = shape.block_linear_params * shape.num_layers
+    dense = shape.params_total - quantised
+    dense_bytes = 2 if precision == "bf16" else 4
+    return (quantised * NF4_BYTES_PER_PARAM + dense * dense_bytes) / shape.params_total
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB / 10 else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.{1 if n < 10 * size else 0}f}{unit}"
+    return str(n)

@@ -1,0 +1,36 @@
+"""The launcher <-> rank contract: what torchrun (or Slurm, or Ray) tells each process, in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "RankEnv":
+        env = os.environ if env is None else env
+        return cls(
+            rank=int(env.get("RANK", 0)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env.get("WORLD_SIZE", 1)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+        }
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0

@@ -1,0 +1,59 @@
+"""What every strategy provides to the one training loop in launcher/train.py.
+
+A strategy is applied to a model (parallelism as a function, not a subclass) and owns what differs
+between DDP, FSDP2 and DeepSpeed: wrapping, gradient sync during accumulation, backward, the
+optimizer step with clipping, and how its state is saved and loaded.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from launcher.planner import Plan
+from launcher.rank_env import RankEnv
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Where this rank runs: its place in the job, its device and compute dtype."""
+
+    env: RankEnv
+    device: torch.device
+    compute_dtype: torch.dtype  # bf16 under mixed precision, else fp32
+
+    def autocast(self) -> AbstractContextManager:
+        enabled = self.compute_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=enabled)
+
+
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+
+
+class Strategy(Protocol):
+    name: str
+    model: torch.nn.Module  # the wrapped model; call it for forward
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, plan: Plan, ctx: RankContext) -> None: ...
+
+    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory) -> None:
+        """Wrap `model` (already on ctx.device) and build its optimizer over the wrapped parameters."""
+
+    def accumulate(self, sync: bool) -> AbstractContextManager:
+        """Context for one micro-batch's forward+backward; gradients sync across ranks only if `sync`."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, max_grad_norm: float | None) -> float:
+        """Clip (if asked), step the optimizer, zero the gradients. Returns the global grad norm."""
+
+    def save(self, path: Path) -> None:
+        """Collective: every rank writes its part of model and optimizer state under `path`."""
+
+    def load(self, path: Path) -> None:
+        """Collective: load what `save` wrote, resharding if the world size changed."""

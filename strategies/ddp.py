@@ -1,0 +1,51 @@
+"""DDP: every rank holds the whole model; gradients are all-reduced in buckets during backward."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.planner import Plan
+from strategies.base import OptimizerFactory, RankContext
+
+
+class DDPStrategy:
+    name = "ddp"
+
+    def __init__(self, plan: Plan, ctx: RankContext) -> None:
+        self.plan = plan
+        self.ctx = ctx
+
+    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory) -> None:
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        # gradient_as_bucket_view: grads alias the all-reduce buckets instead of doubling their memory.
+        self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        self.optimizer = build_optimizer(self.model)
+
+    def accumulate(self, sync: bool) -> AbstractContextManager:
+        return nullcontext() if sync else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, max_grad_norm: float | None) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=False)  # keep the bucket views alive
+        return float(norm)
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+    def load(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
