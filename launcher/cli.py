@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FTLError as exc:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {exc}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -149,9 +149,10 @@ def estimate(request: PlanRequest, strategy: str) -> Estimate:
     return Estimate(strategy, groups[-1], memory, False, why_not)
 
 
-def plan(request: PlanRequest) -> Plan:
+def plan(request: PlanRequest, suggest: bool = True) -> Plan:
+    """The plan for `request`; when it does not fit (and `suggest`), with what would fit instead."""
     if request.strategy != "auto":
-        return _forced(request)
+        return _forced(request, suggest)
     rejected: list[tuple[str, str]] = []
     for strategy in AUTO_ORDER:
         est = estimate(request, strategy)
@@ -180,11 +181,11 @@ def plan(request: PlanRequest) -> Plan:
         ),
         per_rank=best.memory,
         rejected=tuple(rejected),
-        suggestions=suggestions(request),
+        suggestions=suggestions(request) if suggest else (),
     )
 
 
-def _forced(request: PlanRequest) -> Plan:
+def _forced(request: PlanRequest, suggest: bool) -> Plan:
     est = estimate(request, request.strategy)
     warnings: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
@@ -192,8 +193,8 @@ def _forced(request: PlanRequest) -> Plan:
         warnings = (
             f"Forced strategy {request.strategy} does not fit: {est.why_not}. The run will likely run out of memory.",
         )
-        extra = suggestions(request)
-    auto = plan(replace(request, strategy="auto"))
+        extra = suggestions(request) if suggest else ()
+    auto = plan(replace(request, strategy="auto"), suggest=False)
     note = f" (auto would pick {auto.strategy})" if auto.fits and auto.strategy != request.strategy else ""
     return Plan(
         request=request,
@@ -262,7 +263,7 @@ def suggestions(request: PlanRequest) -> tuple[str, ...]:
 
 
 def _try(request: PlanRequest, label: str, **changes: object) -> str:
-    alt = plan(replace(request, strategy="auto", **changes))
+    alt = plan(replace(request, strategy="auto", **changes), suggest=False)
     if alt.fits:
         return f"{label}: fits with {alt.strategy}, {_gib(alt.per_rank.total)} per rank"
     return f"{label}: still {_gib(alt.per_rank.total)} per rank, does not fit alone"

@@ -237,7 +237,7 @@ def _explain_one(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
         known = _known_fields(parent)
-        close = difflib.get_close_matches(name, known, n=1)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
         hint = f" Did you mean `{'.'.join(parent + [close[0]])}`?" if close else ""
         where = f"`{'.'.join(parent)}`" if parent else "the top level"
         return f"`{field}` is not a known key in {where} (known: {', '.join(known)}).{hint}"

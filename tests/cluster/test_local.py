@@ -1,0 +1,54 @@
+"""The torchrun command FTL renders, and that `run_local` returns the job's exit code and forwards signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from cluster.local import torchrun_argv
+from tests.conftest import REPO
+
+
+def test_single_node_command_is_standalone():
+    argv = torchrun_argv(Path("/runs/x/spec.yaml"), nproc_per_node=2, python="python")
+    assert argv == [
+        "python", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        "--max-restarts", "0", "-m", "launcher.train", "--spec", "/runs/x/spec.yaml",
+    ]
+
+
+def test_multi_node_command_uses_c10d_rendezvous():
+    argv = torchrun_argv(Path("s.yaml"), nproc_per_node=8, nnodes=4, rdzv_endpoint="node1:29500", run_id="job7", python="python")
+    joined = " ".join(argv)
+    assert "--standalone" not in argv
+    assert "--nnodes 4 --rdzv-backend c10d --rdzv-endpoint node1:29500 --rdzv-id job7" in joined
+
+
+def _launcher(child_code: str) -> subprocess.Popen:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from cluster.local import run_local
+        sys.exit(run_local([sys.executable, "-c", {child_code!r}]))
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
+def test_exit_code_is_returned():
+    proc = _launcher("import sys; sys.exit(3)")
+    assert proc.wait(timeout=60) == 3
+
+
+def test_sigterm_reaches_the_job():
+    child = "import signal, sys, time\nsignal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\nprint('ready', flush=True)\ntime.sleep(60)"
+    proc = _launcher(child)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    assert proc.wait(timeout=30) == 7
+    assert time.monotonic() - start < 10

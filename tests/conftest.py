@@ -1,0 +1,67 @@
+"""Shared test helpers: the repo root, the `ftl` console script of this venv, small spec builders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FTL = str(Path(sys.executable).parent / "ftl")
+TINY_LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 384,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; this machine has none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Example configs use repo-relative paths, as a user running from the checkout would."""
+    monkeypatch.chdir(REPO)
+
+
+def tiny_spec(tmp_path: Path, **sections: dict) -> dict:
+    spec = {
+        "model": {"config": dict(TINY_LLAMA)},
+        "data": {"train": str(REPO / "configs/data/quickstart.jsonl")},
+        "train": {"max_steps": 10, "lr": 1e-3, "seq_len": 64, "micro_batch_size": 2},
+        "hardware": {"gpus_per_node": 1, "device": "cpu", "gpu_mem": "4GB"},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec
+
+
+def write_spec(tmp_path: Path, spec: dict, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run_ftl(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [FTL, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+    )

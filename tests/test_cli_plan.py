@@ -1,0 +1,57 @@
+"""`ftl plan` as a user sees it: text and JSON, exit codes, and every shipped config plans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher.cli import main
+from launcher.spec import load_spec
+from tests.conftest import REPO, run_ftl
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_loads_and_plans(config, capsys):
+    load_spec(config)
+    code = main(["plan", str(config), "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == (0 if plan["fits"] else 2)
+
+
+def test_plan_json_for_8b(capsys):
+    assert main(["plan", "configs/llama3-8b-full.yaml", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert abs(plan["params_total"] / 8.03e9 - 1) < 0.005
+    assert plan["params_trainable"] == plan["params_total"]
+    assert plan["strategy"] in ("zero1", "zero2", "fsdp2", "zero3")
+    assert plan["fits"] is True
+    assert {"params", "grads", "optimizer", "activations", "logits", "overhead", "total"} <= plan["per_rank_bytes"].keys()
+    assert plan["rejected"][0]["strategy"] == "ddp"
+    assert plan["command"][1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"]
+    assert plan["command"][4] == "8"
+
+
+def test_70b_on_one_node_exits_2_with_reasons_and_json_still_printed(capsys):
+    assert main(["plan", "configs/llama3-70b-full.yaml", "--json"]) == 2
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is False and plan["suggestions"]
+    assert main(["plan", "configs/llama3-70b-full.yaml", "--nodes", "4"]) == 0
+
+
+def test_text_plan_shows_table_reason_and_command():
+    result = run_ftl("plan", "configs/llama3-70b-full.yaml", "--gpus", "8", "--gpu-mem", "80GB", "train.micro_batch_size=2", env={"COLUMNS": "200"})
+    assert result.returncode == 2
+    out = result.stdout
+    for word in ("parameters", "gradients", "optimizer", "activations", "logits", "overhead", "total",
+                 "rejected ddp", "what would fit", "LoRA", "QLoRA", "more GPUs", "command", "micro-batch 2"):
+        assert word in out, word
+
+
+def test_gpus_flag_and_overrides_reach_the_command(capsys):
+    assert main(["plan", "configs/quickstart.yaml", "--gpus", "1", "train.seq_len=64", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["world_size"] == 1 and plan["command"][4] == "1"
