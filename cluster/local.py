@@ -35,6 +35,15 @@ def torchrun_argv(
     return argv
 
 
+def job_env(device: str, base: dict[str, str]) -> dict[str, str]:
+    """The environment the ranks get: `base` plus what makes the device choice explicit to libraries.
+    DeepSpeed otherwise probes for accelerators itself; on a CPU job it must pick its CPU accelerator."""
+    env = dict(base)
+    if device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
 def run_local(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
     """Run `argv`, forward the signals above to it, and return its exit code (128+N if killed by N)."""
     child = subprocess.Popen(argv, env=env, cwd=cwd)

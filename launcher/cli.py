@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,11 +106,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_job(args)
     job_plan = make_job_plan(spec)
     command = job_command(spec)
+    ds_config = deepspeed_json(spec, job_plan)
     if args.json:
-        print(json.dumps({**job_plan.to_dict(), "command": command}, indent=2))
+        extra = {"deepspeed_config": ds_config} if ds_config else {}
+        print(json.dumps({**job_plan.to_dict(), "command": command, **extra}, indent=2))
     else:
         print_plan(job_plan, command)
+        if ds_config:
+            console.print("[bold]deepspeed config[/] (written to the run dir as deepspeed.json)")
+            console.print_json(data=ds_config)
     return 0 if job_plan.fits else 2
+
+
+def deepspeed_json(spec: JobSpec, job_plan: Plan) -> dict | None:
+    from strategies.deepspeed_config import DEEPSPEED_STRATEGIES, deepspeed_config
+
+    return deepspeed_config(job_plan, spec.train) if job_plan.strategy in DEEPSPEED_STRATEGIES else None
 
 
 def print_plan(job_plan: Plan, command: list[str]) -> None:
@@ -150,7 +162,7 @@ def print_plan(job_plan: Plan, command: list[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cluster.local import run_local
+    from cluster.local import job_env, run_local
 
     spec = load_job(args)
     job_plan = make_job_plan(spec)
@@ -164,7 +176,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"`hardware.nodes` is {spec.hardware.nodes}: `ftl run` runs one machine. Run the same command on each "
             "node with `--rdzv-endpoint HOST:PORT` (HOST is the first node), or use `ftl submit --to slurm`."
         )
-    _check_devices(spec, resolve_device(spec))
+    device = resolve_device(spec)
+    _check_devices(spec, device)
     command = job_command(spec, args.rdzv_endpoint)
     if args.dry_run:
         print_plan(job_plan, command)
@@ -172,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_run_dir(spec, job_plan, fresh=args.no_resume)
     console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
     console.print("[dim]" + " ".join(command) + "[/]")
-    return run_local(command)
+    return run_local(command, env=job_env(device, dict(os.environ)))
 
 
 def _check_devices(spec: JobSpec, device: str) -> None:
@@ -207,6 +220,9 @@ def prepare_run_dir(spec: JobSpec, job_plan: Plan, fresh: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     (run_dir / "plan.json").write_text(json.dumps(job_plan.to_dict(), indent=2) + "\n")
+    ds_config = deepspeed_json(spec, job_plan)
+    if ds_config:
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
 def cmd_spec(args: argparse.Namespace) -> int:

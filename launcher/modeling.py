@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
 from launcher.model_info import build_config
 from launcher.spec import JobSpec, TrainSpec
 
 
-def build_model(spec: JobSpec) -> torch.nn.Module:
-    """On the CPU in fp32; the strategy moves, shards or casts it. Random init is seeded by the caller."""
+def pretrained_weights(spec: JobSpec) -> Path | None:
+    """The folder whose weights the job starts from, or None for a random init."""
     if spec.model.name_or_path is not None and spec.model.init == "pretrained":
+        return Path(spec.model.name_or_path)
+    return None
+
+
+def build_model(spec: JobSpec, meta: bool = False) -> torch.nn.Module:
+    """The job's model in fp32 on the CPU, loaded or randomly initialised (seeded by the caller).
+
+    With `meta`, parameters stay on the meta device (buffers are real: they are computed, not loaded)
+    and the strategy materialises them shard by shard; see strategies/fsdp2.py.
+    """
+    if meta:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(build_config(spec.model), dtype=torch.float32)
+        model.tie_weights()  # init_empty_weights re-registers parameters, which unties shared ones
+    elif pretrained_weights(spec) is not None:
         model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, local_files_only=True, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_config(build_config(spec.model), dtype=torch.float32)

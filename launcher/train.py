@@ -20,7 +20,7 @@ from launcher.data import BlockStream, build_tokenizer, check_vocab, load_blocks
 from launcher.errors import FTLError
 from launcher.metrics import MetricsLog
 from launcher.model_info import model_shape
-from launcher.modeling import build_model, build_optimizer, build_scheduler
+from launcher.modeling import build_model, build_optimizer, build_scheduler, pretrained_weights
 from launcher.planner import plan as make_plan
 from launcher.planner import request_from_spec
 from launcher.rank_env import RankEnv
@@ -58,14 +58,16 @@ def train(spec: JobSpec) -> None:
     log = MetricsLog(run_dir, spec.train.max_steps, enabled=env.is_main)
 
     tokenizer = build_tokenizer(spec)
+    strategy = get_strategy(plan.strategy)(plan, ctx, spec.train)
     seed_everything(spec.train.seed)  # same seed on every rank: identical init
-    model = build_model(spec)
+    model = build_model(spec, meta=strategy.meta_init)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
     blocks = load_blocks(spec, tokenizer, spec.data.train)
     stream = BlockStream(blocks, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
 
-    strategy = get_strategy(plan.strategy)(plan, ctx)
-    strategy.setup(model.to(device), lambda m: build_optimizer(m, spec.train, device.type))
+    if not strategy.meta_init:
+        model = model.to(device)
+    strategy.setup(model, lambda m: build_optimizer(m, spec.train, device.type), pretrained_weights(spec))
     scheduler = build_scheduler(strategy.optimizer, spec.train)
     seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
     log.message(

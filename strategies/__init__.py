@@ -5,10 +5,19 @@ from __future__ import annotations
 from launcher.errors import FTLError
 from strategies.base import Strategy
 from strategies.ddp import DDPStrategy
+from strategies.deepspeed import DeepSpeedStrategy
+from strategies.fsdp2 import FSDP2OffloadStrategy, FSDP2Strategy
 
 # Explicit registry, checked by tests/strategies/test_registry.py against the planner's strategy names.
 REGISTRY: dict[str, type[Strategy]] = {
     "ddp": DDPStrategy,
+    "fsdp2": FSDP2Strategy,
+    "fsdp2_offload": FSDP2OffloadStrategy,
+    # One DeepSpeed file serves every ZeRO variant: the stage and offload come from the plan.
+    "zero1": DeepSpeedStrategy,
+    "zero2": DeepSpeedStrategy,
+    "zero3": DeepSpeedStrategy,
+    "zero3_offload": DeepSpeedStrategy,
 }
 
 
@@ -18,6 +27,5 @@ def get_strategy(name: str) -> type[Strategy]:
     except KeyError:
         raise FTLError(
             f"Strategy {name!r} is planned but not implemented in this version of FTL (available: "
-            f"{', '.join(REGISTRY)}). Force one with `strategy=ddp` if the model fits, or wait for the "
-            "FSDP2/DeepSpeed strategies."
+            f"{', '.join(REGISTRY)}). Force one of those with `strategy=NAME`."
         ) from None

@@ -16,6 +16,7 @@ import torch
 
 from launcher.planner import Plan
 from launcher.rank_env import RankEnv
+from launcher.spec import TrainSpec
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,16 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 class Strategy(Protocol):
     name: str
+    meta_init: bool  # True: the loop builds the model on the meta device and setup() materialises it
     model: torch.nn.Module  # the wrapped model; call it for forward
     optimizer: torch.optim.Optimizer
 
-    def __init__(self, plan: Plan, ctx: RankContext) -> None: ...
+    def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None: ...
 
-    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory) -> None:
-        """Wrap `model` (already on ctx.device) and build its optimizer over the wrapped parameters."""
+    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None) -> None:
+        """Wrap `model` and build its optimizer over the wrapped parameters. Unless `meta_init`, the model
+        arrives loaded on ctx.device; with it, on meta, and `weights` (a HF folder, or None for random
+        init) says what to materialise it with."""
 
     def accumulate(self, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch's forward+backward; gradients sync across ranks only if `sync`."""

@@ -6,22 +6,24 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.planner import Plan
+from launcher.spec import TrainSpec
 from strategies.base import OptimizerFactory, RankContext
+from strategies.dcp_state import load_model_and_optimizer, save_model_and_optimizer
 
 
 class DDPStrategy:
     name = "ddp"
+    meta_init = False  # every rank holds the whole model anyway
 
-    def __init__(self, plan: Plan, ctx: RankContext) -> None:
+    def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None:
         self.plan = plan
         self.ctx = ctx
 
-    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory) -> None:
+    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None = None) -> None:
+        # `weights` is unused: the model arrives loaded (DDP has no meta-device init).
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         # gradient_as_bucket_view: grads alias the all-reduce buckets instead of doubling their memory.
         self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -41,11 +43,7 @@ class DDPStrategy:
         return float(norm)
 
     def save(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        save_model_and_optimizer(self.model, self.optimizer, path)
 
     def load(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_model_and_optimizer(self.model, self.optimizer, path)
