@@ -10,7 +10,7 @@ import pytest
 def test_registry_names_are_planner_names():
     assert set(REGISTRY) <= set(STRATEGIES)
     for name, cls in REGISTRY.items():
-        assert cls.name == name or cls.__name__ == "DeepSpeedStrategy"
+        assert getattr(cls, "name", name) == name  # DeepSpeed takes its name (zero1..3) from the plan
         for method in ("setup", "accumulate", "backward", "step", "save", "load"):
             assert callable(getattr(cls, method))
 
