@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher.errors import FTLError
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FTLError as exc:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {exc}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}")
         return 2
     except KeyboardInterrupt:
         return 130
@@ -53,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = job_command("plan", "Count parameters, choose the strategy, show per-rank memory and the command.")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument(
+        "--measure", action="store_true",
+        help="trace one real training step of the plan under FakeTensorMode (no weights allocated) and print measured beside predicted",
+    )
     p.set_defaults(func=cmd_plan)
 
     r = job_command("run", "Run the job on this machine with torchrun.")
@@ -107,15 +112,50 @@ def cmd_plan(args: argparse.Namespace) -> int:
     job_plan = make_job_plan(spec)
     command = job_command(spec)
     ds_config = deepspeed_json(spec, job_plan)
+    measured = measure_plan(spec, job_plan) if args.measure else None
     if args.json:
         extra = {"deepspeed_config": ds_config} if ds_config else {}
+        if measured is not None:
+            extra["measured_peak_bytes"] = measured
         print(json.dumps({**job_plan.to_dict(), "command": command, **extra}, indent=2))
     else:
         print_plan(job_plan, command)
         if ds_config:
             console.print("[bold]deepspeed config[/] (written to the run dir as deepspeed.json)")
             console.print_json(data=ds_config)
+        if measured is not None:
+            predicted = job_plan.per_rank.total - job_plan.per_rank.overhead
+            console.print(
+                f"[bold]measured[/] one traced step of {job_plan.strategy} at world size {job_plan.request.world_size}: "
+                f"peak {_gib(measured)} of tensors vs predicted {_gib(predicted)} (ratio {predicted / measured:.3f}; "
+                "the fixed overhead is not a tensor and is left out of both)"
+            )
     return 0 if job_plan.fits else 2
+
+
+def measure_plan(spec: JobSpec, job_plan: Plan) -> int:
+    """Peak tensor bytes of one rank, from the plan's step traced under FakeTensorMode."""
+    from launcher.measure import MEASURABLE, StepSetup, measure_step
+    from launcher.model_info import build_config
+
+    strategy = "fsdp2" if job_plan.strategy == "zero3" else job_plan.strategy
+    if strategy not in MEASURABLE:
+        raise FTLError(
+            f"`--measure` traces ddp and fsdp2 steps (zero3 as fsdp2); the plan chose {job_plan.strategy}, which runs "
+            "inside DeepSpeed and cannot be traced with fake tensors. Force `strategy=fsdp2` to measure the sharded "
+            "equivalent."
+        )
+    r = job_plan.request
+    setup = StepSetup(
+        config=build_config(spec.model),
+        strategy=strategy,
+        world_size=r.world_size,
+        micro_batch_size=r.micro_batch_size,
+        seq_len=r.seq_len,
+        precision=r.precision,
+        activation_checkpointing=r.activation_checkpointing,
+    )
+    return measure_step(setup).peak
 
 
 def deepspeed_json(spec: JobSpec, job_plan: Plan) -> dict | None:
@@ -149,16 +189,16 @@ def print_plan(job_plan: Plan, command: list[str]) -> None:
     table.add_row("fits", *("yes" if _field(estimates[s], "total") <= job_plan.budget_bytes else "no" for s in shown))
     console.print(table)
     verdict = "[bold green]" if job_plan.fits else "[bold red]"
-    console.print(f"{verdict}strategy {job_plan.strategy}[/]: {job_plan.reason}")
+    console.print(f"{verdict}strategy {job_plan.strategy}[/]: {escape(job_plan.reason)}")
     for strategy, why in job_plan.rejected:
-        console.print(f"  rejected {strategy}: {why}")
+        console.print(f"  rejected {strategy}: {escape(why)}")
     for warning in job_plan.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if job_plan.suggestions:
         console.print("[bold]what would fit:[/]")
         for line in job_plan.suggestions:
-            console.print(f"  - {line}")
-    console.print("[bold]command[/]  " + " ".join(command))
+            console.print(f"  - {escape(line)}")
+    console.print("[bold]command[/]  " + escape(" ".join(command)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -170,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_plan(job_plan, job_command(spec, args.rdzv_endpoint))
         raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
     for warning in job_plan.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if spec.hardware.nodes > 1 and not args.rdzv_endpoint:
         raise FTLError(
             f"`hardware.nodes` is {spec.hardware.nodes}: `ftl run` runs one machine. Run the same command on each "
@@ -178,13 +218,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     device = resolve_device(spec)
     _check_devices(spec, device)
+    from strategies import check_available
+
+    check_available(job_plan.strategy)
     command = job_command(spec, args.rdzv_endpoint)
     if args.dry_run:
         print_plan(job_plan, command)
         return 0
     prepare_run_dir(spec, job_plan, fresh=args.no_resume)
     console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
-    console.print("[dim]" + " ".join(command) + "[/]")
+    console.print("[dim]" + escape(" ".join(command)) + "[/]")
     return run_local(command, env=job_env(device, dict(os.environ)))
 
 

@@ -30,6 +30,8 @@ class ModelShape:
     linear_names: tuple[str, ...] = ()  # leaf names of the Linear layers inside a block (q_proj, ...)
     block_linear_params: int = 0  # weights of the Linear layers in one block (what 4-bit quantises)
     block_linear_dims: int = 0  # sum of in+out features over those layers (LoRA adds r * this per block)
+    block_linear_count: int = 0
+    params_largest_tensor: int = 0  # the biggest single parameter (usually the embedding or the head)
 
 
 def build_config(spec: ModelSpec) -> PretrainedConfig:
@@ -75,6 +77,8 @@ def _shape_of(config: PretrainedConfig) -> ModelShape:
         linear_names=tuple(sorted({name.rsplit(".", 1)[-1] for name in linears})),
         block_linear_params=sum(m.weight.numel() for m in linears.values()),
         block_linear_dims=sum(m.in_features + m.out_features for m in linears.values()),
+        block_linear_count=len(linears),
+        params_largest_tensor=max(p.numel() for p in model.parameters()),
     )
 
 

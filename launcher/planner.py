@@ -39,6 +39,7 @@ class PlanRequest:
     cpu_mem_bytes: int
     strategy: str = "auto"
     method: str = "full"
+    lora_rank: int = 0
 
     @property
     def world_size(self) -> int:
@@ -55,6 +56,7 @@ class PlanRequest:
             micro_batch_size=self.micro_batch_size,
             seq_len=self.seq_len,
             activation_checkpointing=self.activation_checkpointing,
+            lora_rank=self.lora_rank,
         )
 
 
@@ -245,12 +247,13 @@ def suggestions(request: PlanRequest) -> tuple[str, ...]:
     if request.method == "full":
         lora = lora_params(request.shape, SUGGESTED_LORA_RANK)
         dense = 2 if request.precision == "bf16" else 4
-        out.append(_try(request, f"method LoRA r={SUGGESTED_LORA_RANK} ({_count(lora)} trainable)", params_trainable=lora, frozen_bytes_per_param=dense))
+        out.append(_try(request, f"method LoRA r={SUGGESTED_LORA_RANK} ({_count(lora)} trainable)", params_trainable=lora, frozen_bytes_per_param=dense, lora_rank=SUGGESTED_LORA_RANK))
         out.append(
             _try(
                 request,
                 f"method QLoRA r={SUGGESTED_LORA_RANK} (4-bit NF4 base)",
                 params_trainable=lora,
+                lora_rank=SUGGESTED_LORA_RANK,
                 frozen_bytes_per_param=qlora_frozen_bytes_per_param(request.shape, request.precision),
             )
         )

@@ -21,6 +21,33 @@ REGISTRY: dict[str, type[Strategy]] = {
 }
 
 
+def check_available(name: str) -> None:
+    """Fail before launch, with the fix, when a strategy's library is missing here."""
+    if name.startswith("zero") and not _importable("deepspeed"):
+        raise FTLError(
+            f"Strategy {name} runs on DeepSpeed, which is not installed. Install it with "
+            "`pip install -c constraints.txt '.[deepspeed]'`, or use `strategy=fsdp2` (native PyTorch sharding)."
+        )
+    if name.startswith("fsdp2"):
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            raise FTLError(
+                f"Strategy {name} needs FSDP2 (`torch.distributed.fsdp.fully_shard`, torch >= 2.6); this torch lacks "
+                "it. Install torch==2.13.0 (see constraints.txt) or use `strategy=ddp`."
+            ) from None
+
+
+def _importable(module: str) -> bool:
+    """Without importing it (DeepSpeed's import is slow and chatty)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def get_strategy(name: str) -> type[Strategy]:
     try:
         return REGISTRY[name]

@@ -21,3 +21,24 @@ def test_unimplemented_strategy_is_a_clear_error():
         return
     with pytest.raises(FTLError, match="not implemented"):
         get_strategy(missing[0])
+
+
+def test_missing_deepspeed_is_caught_before_launch(tmp_path):
+    """A forced ZeRO strategy without DeepSpeed importable: one paragraph naming the install command."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import FTL, REPO, tiny_spec, write_spec
+
+    # A sitecustomize that makes `deepspeed` unimportable (a None entry in sys.modules), as on a
+    # machine without it.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None\n")
+    spec = write_spec(tmp_path, tiny_spec(tmp_path, strategy="zero2"))
+    env = {**os.environ, "PYTHONPATH": str(hide)}
+    result = subprocess.run([FTL, "run", str(spec)], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "DeepSpeed, which is not installed" in result.stderr and ".[deepspeed]" in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing launched, nothing written

@@ -1,0 +1,98 @@
+"""Predicted vs measured per-rank peak for one configuration: what bench/plan_accuracy.py tabulates and
+tests/launcher/test_plan_accuracy.py asserts. Shared so the bench and the tests compare the same thing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import AutoConfig
+
+from launcher.measure import MeasuredMemory, StepSetup, measure_step
+from launcher.memory import MemoryBreakdown, MemoryInputs, per_rank_memory
+from launcher.model_info import model_shape
+from launcher.planner import lora_params
+from launcher.spec import ModelSpec
+
+LORA_RANK = 16
+
+# Llama-architecture sizes: tiny (tests), ~125M, Llama-3.2-1B, Llama-3-8B and Llama-3-70B.
+MODELS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=384),
+    "125m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str  # "full" | "lora"
+    strategy: str  # "ddp" | "fsdp2"
+    world_size: int
+    micro_batch_size: int
+    seq_len: int
+    precision: str = "bf16"
+    activation_checkpointing: bool = False
+    fake: bool = True
+
+    @property
+    def label(self) -> str:
+        ac = "+ac" if self.activation_checkpointing else ""
+        return f"{self.model} {self.method} {self.strategy} w{self.world_size} {self.precision} b{self.micro_batch_size}x{self.seq_len}{ac}"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    cell: Cell
+    predicted: MemoryBreakdown
+    measured: MeasuredMemory
+
+    @property
+    def predicted_peak(self) -> int:
+        """Tensor memory only: the fixed runtime overhead is not a tensor any tracker can see."""
+        return self.predicted.total - self.predicted.overhead
+
+    @property
+    def ratio(self) -> float:
+        return self.predicted_peak / self.measured.peak
+
+
+def model_config(name: str) -> AutoConfig:
+    fields = {"tie_word_embeddings": False, "max_position_embeddings": 8192, **MODELS[name]}
+    return AutoConfig.for_model("llama", **fields)
+
+
+def compare(cell: Cell) -> Comparison:
+    config = model_config(cell.model)
+    shape = model_shape(ModelSpec(config={"model_type": "llama", **config.to_diff_dict()}))
+    lora = cell.method == "lora"
+    trainable = lora_params(shape, LORA_RANK) if lora else shape.params_total
+    dense = 2 if cell.precision == "bf16" else 4
+    inputs = MemoryInputs(
+        shape=shape,
+        params_trainable=trainable,
+        frozen_bytes_per_param=dense,
+        precision=cell.precision,
+        device="cuda",
+        micro_batch_size=cell.micro_batch_size,
+        seq_len=cell.seq_len,
+        activation_checkpointing=cell.activation_checkpointing,
+        lora_rank=LORA_RANK if lora else 0,
+    )
+    predicted = per_rank_memory(cell.strategy, inputs, cell.world_size)
+    measured = measure_step(
+        StepSetup(
+            config=config,
+            strategy=cell.strategy,
+            world_size=cell.world_size,
+            micro_batch_size=cell.micro_batch_size,
+            seq_len=cell.seq_len,
+            precision=cell.precision,
+            activation_checkpointing=cell.activation_checkpointing,
+            lora_rank=LORA_RANK if lora else 0,
+            fake=cell.fake,
+        )
+    )
+    return Comparison(cell, predicted, measured)

@@ -1,0 +1,237 @@
+"""Measure the per-rank peak memory of real training steps, split by kind, to check the planner.
+
+Two modes, one code path:
+- real: the model is allocated on this machine and trained for a few steps (world size 1 here);
+- fake: the same steps run under `FakeTensorMode` with torch's fake process group, so an 8B or 70B
+  model at world size 8 or 64 is traced on a laptop without allocating its weights (the approach of
+  torchtitan's memory estimation). The DeviceMesh is built outside fake mode on a "cpu" mesh.
+Memory is counted by torch's own trackers (`MemTracker`, `FSDPMemTracker`), which attribute every
+tensor storage to parameters, gradients, optimizer states, activations or temporaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from launcher.model_info import transformer_blocks
+
+MEASURABLE = ("ddp", "fsdp2", "fsdp2_gradop")
+
+
+@dataclass(frozen=True)
+class MeasuredMemory:
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    temporaries: int
+    other: int
+    peak: int
+
+    @property
+    def model_states(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+
+class StoragePeak(TorchDispatchMode):
+    """Peak bytes of live tensor storages while active: every storage an op creates is counted until it
+    is freed. Used where torch's MemTracker cannot follow (it hooks the gradient of every parameter,
+    which fails on frozen ones, e.g. a LoRA base model)."""
+
+    def __init__(self, *existing: torch.Tensor) -> None:
+        super().__init__()
+        self._live: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+        for tensor in existing:
+            self._add(tensor)
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        storage = tensor.untyped_storage()  # torch keeps one Python object per storage while it lives
+        key = id(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        self._live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        self._refs[key] = weakref.ref(storage, lambda _ref, key=key: self._drop(key))
+
+    def _drop(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._add(tensor)
+        return out
+
+
+@dataclass(frozen=True)
+class StepSetup:
+    config: PretrainedConfig
+    strategy: str  # one of MEASURABLE; fsdp2_gradop = FSDP2 without resharding after forward (ZeRO-2-like)
+    world_size: int
+    micro_batch_size: int
+    seq_len: int
+    precision: str = "fp32"  # "bf16": FSDP2 mixed precision / DDP autocast, as on a GPU
+    activation_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: LoRA on every Linear of the blocks; the base is frozen (bf16 under bf16)
+    fake: bool = True
+    steps: int = 2
+
+
+def measure_step(setup: StepSetup) -> MeasuredMemory:
+    """Peak memory of one rank over `setup.steps` training steps (the second step has optimizer states)."""
+    if setup.strategy not in MEASURABLE:
+        raise ValueError(f"cannot measure {setup.strategy!r}; measurable: {MEASURABLE}")
+    with _process_group(setup):
+        mesh = None
+        if setup.strategy != "ddp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh("cpu", (setup.world_size,))  # outside fake mode
+        prebuilt = None
+        if setup.fake and setup.lora_rank:
+            # PEFT moves adapters with Module.to(), which cannot swap fake tensors: build on the meta
+            # device instead and materialise as fake tensors inside the mode.
+            with torch.device("meta"):
+                prebuilt = _build_model(setup)
+        with _fake_mode() if setup.fake else contextlib.nullcontext():
+            if prebuilt is not None:
+                prebuilt.to_empty(device="cpu")
+            return _trace(setup, mesh, prebuilt or _build_model(setup))
+
+
+def _build_model(setup: StepSetup) -> torch.nn.Module:
+    torch.manual_seed(0)
+    _register_causal_only_attention()
+    model = AutoModelForCausalLM.from_config(setup.config, dtype=torch.float32, attn_implementation=CAUSAL_ONLY)
+    model.config.use_cache = False
+    if setup.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.lora_rank:
+        model = _with_lora(model, setup)
+    return model
+
+
+CAUSAL_ONLY = "ftl_causal_only"
+
+
+def _register_causal_only_attention() -> None:
+    """FTL trains on packed, unpadded sequences, where HF's sdpa path passes no mask and sets
+    `is_causal` (flash-style kernels, O(S) memory). Under fake tensors HF cannot read position_ids to
+    see that, and would build an S x S mask that the real run never has. Registering a causal-only
+    attention through HF's public Attention(Mask)Interface keeps the traced step equal to the real one."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CAUSAL_ONLY, sdpa_attention_forward)
+    AttentionMaskInterface.register(CAUSAL_ONLY, lambda *args, **kwargs: None)
+
+
+def _trace(setup: StepSetup, mesh, model: torch.nn.Module) -> MeasuredMemory:
+    bf16 = setup.precision == "bf16"
+    if setup.strategy == "ddp":
+        wrapped = model
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not setup.lora_rank)
+    else:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+        reshard = setup.strategy == "fsdp2"
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+        wrapped = fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+        autocast = contextlib.nullcontext()
+    trainable = [p for p in wrapped.parameters() if p.requires_grad]
+    # foreach=False: the foreach kernels' temporaries overstate the peak about 2x under fake tensors.
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
+    batch = torch.randint(0, setup.config.vocab_size, (setup.micro_batch_size, setup.seq_len))
+
+    if setup.lora_rank:  # torch's trackers hook every parameter's gradient, which frozen ones lack
+        tracker = StoragePeak(*wrapped.parameters(), *wrapped.buffers(), batch)
+    elif setup.strategy == "ddp":
+        tracker = MemTracker()
+        tracker.track_external(wrapped, optimizer, batch)
+    else:
+        tracker = FSDPMemTracker(wrapped, optimizer)
+        tracker.track_inputs((batch,))
+    with tracker:
+        for _ in range(setup.steps):
+            if hasattr(tracker, "reset_mod_stats"):
+                tracker.reset_mod_stats()  # per-module stats are per iteration; the peak snapshot is kept
+            with autocast:
+                loss = wrapped(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=setup.strategy != "ddp")  # as the FTL strategies do
+    if isinstance(tracker, StoragePeak):
+        return MeasuredMemory(0, 0, 0, 0, 0, 0, peak=tracker.peak)
+    by_kind = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    get = lambda *names: sum(by_kind.get(n, 0) for n in names)  # noqa: E731
+    return MeasuredMemory(
+        params=get("Parameter", "Sharded Param", "Unsharded Param", "Buffer"),
+        grads=get("Gradient", "Sharded Grad", "Unsharded Grad"),
+        optimizer=get("Optstate", "OptState"),
+        activations=get("Activation"),
+        temporaries=get("Temp", "All Gather", "Reduce Scatter"),
+        other=get("Other", "Inputs"),
+        peak=by_kind["Total"],
+    )
+
+
+def _with_lora(model: torch.nn.Module, setup: StepSetup) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in transformer_blocks(model)[0].named_modules() if isinstance(m, torch.nn.Linear)})
+    peft_model = get_peft_model(model, LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, target_modules=names))
+    if setup.precision == "bf16":
+        # The frozen base is stored in bf16 and the adapters stay fp32. Parameters are replaced one by
+        # one: Module.to() cannot swap fake tensors in place.
+        for module in peft_model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if not param.requires_grad:
+                    setattr(module, name, torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+    return peft_model
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)  # stray real constants (e.g. scalars) pass through
+
+
+@contextlib.contextmanager
+def _process_group(setup: StepSetup):
+    if dist.is_initialized():
+        raise RuntimeError("measure_step needs its own process group; call it outside a training job")
+    if setup.fake:
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=setup.world_size)
+    else:
+        if setup.world_size != 1:
+            raise ValueError("real measurement runs one rank in this process; use fake=True for larger worlds")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
