@@ -119,10 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             extra["measured_peak_bytes"] = measured
         print(json.dumps({**job_plan.to_dict(), "command": command, **extra}, indent=2))
     else:
-        print_plan(job_plan, command)
-        if ds_config:
-            console.print("[bold]deepspeed config[/] (written to the run dir as deepspeed.json)")
-            console.print_json(data=ds_config)
+        print_plan(job_plan, command, ds_config)
         if measured is not None:
             predicted = job_plan.per_rank.total - job_plan.per_rank.overhead
             console.print(
@@ -164,7 +161,7 @@ def deepspeed_json(spec: JobSpec, job_plan: Plan) -> dict | None:
     return deepspeed_config(job_plan, spec.train) if job_plan.strategy in DEEPSPEED_STRATEGIES else None
 
 
-def print_plan(job_plan: Plan, command: list[str]) -> None:
+def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None) -> None:
     r = job_plan.request
     console.print(
         f"[bold]model[/]  {r.shape.params_total:,} parameters ({_short(r.shape.params_total)}), "
@@ -199,6 +196,9 @@ def print_plan(job_plan: Plan, command: list[str]) -> None:
         for line in job_plan.suggestions:
             console.print(f"  - {escape(line)}")
     console.print("[bold]command[/]  " + escape(" ".join(command)))
+    if ds_config:
+        console.print("[bold]deepspeed config[/] (written to the run dir as deepspeed.json)")
+        console.print_json(data=ds_config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -223,7 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_available(job_plan.strategy)
     command = job_command(spec, args.rdzv_endpoint)
     if args.dry_run:
-        print_plan(job_plan, command)
+        print_plan(job_plan, command, deepspeed_json(spec, job_plan))
         return 0
     prepare_run_dir(spec, job_plan, fresh=args.no_resume)
     console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")

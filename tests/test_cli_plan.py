@@ -55,3 +55,17 @@ def test_gpus_flag_and_overrides_reach_the_command(capsys):
     assert main(["plan", "configs/quickstart.yaml", "--gpus", "1", "train.seq_len=64", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["world_size"] == 1 and plan["command"][4] == "1"
+
+
+def test_plan_measure_prints_measured_beside_predicted(capsys):
+    """`--measure` traces the 8B plan's step with fake tensors at world size 8 (seconds, no weights)."""
+    code = main(["plan", "configs/llama3-8b-full.yaml", "strategy=fsdp2", "--json", "--measure"])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0
+    predicted = plan["per_rank_bytes"]["total"] - plan["per_rank_bytes"]["overhead"]
+    assert abs(predicted / plan["measured_peak_bytes"] - 1) < 0.10
+
+
+def test_plan_measure_refuses_deepspeed_plans_clearly(capsys):
+    assert main(["plan", "configs/llama3-8b-full.yaml", "strategy=zero2", "--measure"]) == 2
+    assert "cannot be traced" in capsys.readouterr().err
