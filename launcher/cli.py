@@ -18,7 +18,7 @@ from launcher.memory import MemoryBreakdown
 from launcher.planner import AUTO_ORDER, HEADROOM, Plan, estimate, plan, request_from_spec
 from launcher.spec import JobSpec, load_spec
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # no hard wraps: logs and paths stay greppable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     r = job_command("run", "Run the job on this machine with torchrun.")
     r.add_argument("--dry-run", action="store_true", help="print the plan and command, write and run nothing")
-    r.add_argument("--no-resume", action="store_true", help="start fresh; earlier checkpoints move to previous-<time>/")
+    r.add_argument("--no-resume", action="store_true", help="start fresh instead of resuming from the run dir's latest checkpoint (the earlier run moves to previous-<time>/)")
     r.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous for a multi-node run (run the same command on each node)")
     r.set_defaults(func=cmd_run)
 
@@ -245,21 +245,26 @@ def _check_devices(spec: JobSpec, device: str) -> None:
 
 
 def prepare_run_dir(spec: JobSpec, job_plan: Plan, fresh: bool) -> None:
-    """Write the resolved spec and the plan; set aside (never delete) what an earlier run left."""
+    """Write the resolved spec and the plan. A run dir with a checkpoint is resumed (after checking the
+    checkpoint fits this spec); with `fresh`, or when an earlier run left no checkpoint, its files are
+    set aside in previous-<time>/, never deleted."""
+    from launcher.checkpoint import find_resume_checkpoint
+    from launcher.train_state import spec_fingerprint
+
     run_dir = spec.output_dir
-    earlier = [run_dir / name for name in ("checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
-    if earlier and not fresh:
-        raise FTLError(
-            f"The run dir {run_dir} already holds an earlier run ({', '.join(p.name for p in earlier)}). Pass "
-            "--no-resume to start fresh (the earlier files move to previous-<time>/ inside it, nothing is "
-            "deleted), or set `output_dir` to a new folder."
-        )
-    if earlier:
-        aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-        aside.mkdir(parents=True)
-        for path in earlier:
-            path.rename(aside / path.name)
-        console.print(f"earlier run moved to {aside}")
+    resume = None
+    if not fresh:
+        resume = find_resume_checkpoint(run_dir, spec_fingerprint(spec), fallback=spec.checkpoint.on_corrupt == "previous")
+    if resume is not None:
+        console.print(f"resuming from {resume.path} (step {resume.step}); pass --no-resume to start over")
+    else:
+        earlier = [run_dir / name for name in ("checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
+        if earlier:
+            aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
+            aside.mkdir(parents=True)
+            for path in earlier:
+                path.rename(aside / path.name)
+            console.print(f"earlier run moved to {aside}")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     (run_dir / "plan.json").write_text(json.dumps(job_plan.to_dict(), indent=2) + "\n")

@@ -19,7 +19,7 @@ class MetricsLog:
         if not enabled:
             return
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.console = Console(stderr=False)
+        self.console = Console(soft_wrap=True)
         self.progress: Progress | None = None
         if self.console.is_terminal:
             self.progress = Progress(

@@ -113,6 +113,10 @@ class TrainSpec(_Section):
     """`auto` is bf16 autocast on CUDA and fp32 on CPU."""
     log_every: int = Field(10, gt=0)
     """Log loss, lr and tokens/s every this many steps."""
+    stop_at: int | None = Field(None, gt=0)
+    """Save and exit after this step (the schedule still spans max_steps): for time-boxed jobs; rerun to go on."""
+    collective_timeout_s: float = Field(600, gt=0)
+    """A collective that waits longer than this (a peer died or hangs) fails the job instead of hanging."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
@@ -128,6 +132,8 @@ class CheckpointSpec(_Section):
     """Save every this many steps (0: only at the end)."""
     keep: int = Field(2, gt=0)
     """Complete checkpoints to keep; older ones are deleted, never the one `latest` points to."""
+    on_corrupt: Literal["error", "previous"] = "error"
+    """When the checkpoint `latest` points to is damaged: stop with an error, or resume from the newest complete one."""
 
 
 class HardwareSpec(_Section):

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import random
+import signal
 import sys
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoint import save_checkpoint
+from launcher.checkpoint import DCP_STRATEGIES, Checkpoint, clean_stale_tmp, find_resume_checkpoint, save_checkpoint
 from launcher.data import BlockStream, build_tokenizer, check_vocab, load_blocks
 from launcher.errors import FTLError
 from launcher.metrics import MetricsLog
@@ -25,12 +29,9 @@ from launcher.planner import plan as make_plan
 from launcher.planner import request_from_spec
 from launcher.rank_env import RankEnv
 from launcher.spec import JobSpec, load_spec
+from launcher.train_state import capture_rng, restore_rng, spec_fingerprint
 from strategies import get_strategy
 from strategies.base import RankContext
-
-# A collective that waits longer than this means a peer died: fail instead of hanging forever.
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
-
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
@@ -50,12 +51,19 @@ def seed_everything(seed: int) -> None:
 def train(spec: JobSpec) -> None:
     env = RankEnv.from_env()
     device = resolve_device(spec.hardware.device, env.local_rank)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    timeout = datetime.timedelta(seconds=spec.train.collective_timeout_s)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     plan = make_plan(request_from_spec(spec, model_shape(spec.model), device.type))
     compute_dtype = torch.bfloat16 if plan.request.precision == "bf16" else torch.float32
     ctx = RankContext(env=env, device=device, compute_dtype=compute_dtype)
     run_dir = spec.output_dir
-    log = MetricsLog(run_dir, spec.train.max_steps, enabled=env.is_main)
+    spec_hash = spec_fingerprint(spec)
+    if env.is_main:
+        clean_stale_tmp(run_dir)
+    resume = find_resume_checkpoint(run_dir, spec_hash, fallback=spec.checkpoint.on_corrupt == "previous")
+    check_resumable(resume, plan.strategy, env.world_size)
+    start_step = resume.step if resume else 0
+    log = MetricsLog(run_dir, spec.train.max_steps, start_step=start_step, enabled=env.is_main)
 
     tokenizer = build_tokenizer(spec)
     strategy = get_strategy(plan.strategy)(plan, ctx, spec.train)
@@ -70,14 +78,28 @@ def train(spec: JobSpec) -> None:
     strategy.setup(model, lambda m: build_optimizer(m, spec.train, device.type), pretrained_weights(spec))
     scheduler = build_scheduler(strategy.optimizer, spec.train)
     seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
+    if resume:
+        strategy.load(resume.path)
+        state = resume.trainer_state(env.rank)
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(rescale_position(state["data"], resume.manifest["world_size"], env.world_size))
+        if resume.manifest["world_size"] == env.world_size:
+            restore_rng(state["rng"])
+        log.message(f"FTL: resumed from {resume.path} (step {start_step})")
     log.message(
         f"FTL: {plan.strategy} on {env.world_size} x {device.type} ({plan.request.precision}), "
         f"{plan.request.shape.params_total:,} params, {len(blocks)} sequences of {spec.train.seq_len} tokens"
     )
 
+    def save(step: int) -> Path:
+        state = {"step": step, "data": stream.state_dict(), "rng": capture_rng(), "scheduler": scheduler.state_dict()}
+        return save_checkpoint(run_dir, step, strategy, env, state, spec.checkpoint.keep, spec_hash)
+
+    stop_requested = install_stop_signals()
+    last = min(spec.train.max_steps, spec.train.stop_at or spec.train.max_steps)
     tokens_per_step = spec.train.micro_batch_size * spec.train.seq_len * spec.train.grad_accum * env.world_size
     window_start, window_steps = log.elapsed_s(), 0
-    for step in range(1, spec.train.max_steps + 1):
+    for step in range(start_step + 1, last + 1):
         loss_sum = torch.zeros((), device=device)
         for micro in range(spec.train.grad_accum):
             batch = stream.next_batch().to(device, non_blocking=True)
@@ -91,9 +113,14 @@ def train(spec: JobSpec) -> None:
         scheduler.step()
         window_steps += 1
 
-        if step % spec.train.log_every == 0 or step == 1 or step == spec.train.max_steps:
+        if step % spec.train.log_every == 0 or step == start_step + 1 or step == last:
             dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
             mean_loss = loss_sum.item() / env.world_size
+            if not math.isfinite(mean_loss):
+                raise FTLError(
+                    f"The loss is {mean_loss} at step {step}: training diverged. Lower `train.lr`, keep "
+                    "`train.max_grad_norm` set, or check the data; the last checkpoint is untouched."
+                )
             now = log.elapsed_s()
             log.log(
                 {
@@ -105,17 +132,72 @@ def train(spec: JobSpec) -> None:
                 }
             )
             window_start, window_steps = now, 0
-        if spec.checkpoint.every and step % spec.checkpoint.every == 0 and step != spec.train.max_steps:
-            save_checkpoint(run_dir, step, strategy, env, {"step": step, "data": stream.state_dict()}, spec.checkpoint.keep)
+        if stop_requested():
+            save(step)
+            log.log({"step": step, "event": "preempted", "detail": "signal received; checkpoint saved, rerun to resume"})
+            log.close()
+            dist.destroy_process_group()
+            return
+        if spec.checkpoint.every and step % spec.checkpoint.every == 0 and step != last:
+            save(step)
 
-    if spec.data.validation is not None:
-        log.log({"step": spec.train.max_steps, "val_loss": evaluate(spec, strategy, tokenizer, env, ctx)})
-    final = save_checkpoint(
-        run_dir, spec.train.max_steps, strategy, env, {"step": spec.train.max_steps, "data": stream.state_dict()}, spec.checkpoint.keep
-    )
-    log.message(f"FTL: done; checkpoint {final}")
+    if last < spec.train.max_steps:  # `train.stop_at`: a planned pause
+        if start_step < last:
+            save(last)
+        log.message(f"FTL: stopped at step {last} of {spec.train.max_steps} (train.stop_at); rerun to continue")
+    else:
+        if spec.data.validation is not None:
+            log.log({"step": last, "val_loss": evaluate(spec, strategy, tokenizer, env, ctx)})
+        if start_step < last:
+            log.message(f"FTL: done; checkpoint {save(last)}")
+        else:
+            log.message(f"FTL: already complete at step {last}; nothing to do (raise train.max_steps to go on)")
     log.close()
     dist.destroy_process_group()
+
+
+def check_resumable(resume: Checkpoint | None, strategy: str, world_size: int) -> None:
+    if resume is None:
+        return
+    saved = resume.manifest["strategy"]
+    dcp = set(DCP_STRATEGIES)
+    if (saved in dcp) != (strategy in dcp):
+        raise FTLError(
+            f"The checkpoint {resume.path} was written by {saved} and this run uses {strategy}; DeepSpeed and "
+            "DCP (ddp/fsdp2) checkpoints do not convert into each other. Force `strategy={saved}` to resume."
+        )
+    if saved not in dcp and resume.manifest["world_size"] != world_size:
+        raise FTLError(
+            f"The checkpoint {resume.path} was written by {saved} on {resume.manifest['world_size']} ranks; FTL resumes "
+            f"DeepSpeed checkpoints on the same world size only (this run has {world_size}). Use ddp/fsdp2 to reshard."
+        )
+
+
+def rescale_position(data: dict, saved_world: int, world: int) -> dict:
+    """Each rank's position in its slice of the epoch. On another world size the slices differ: keep the
+    number of sequences consumed in the epoch (exact order is not preserved, nothing is skipped twice)."""
+    if saved_world == world:
+        return data
+    return {"epoch": data["epoch"], "index": data["index"] * saved_world // world}
+
+
+def install_stop_signals() -> Callable[[], bool]:
+    """SIGTERM (scheduler, Ctrl-C via torchrun) and SIGUSR2 (Slurm's pre-emption warning) ask for a
+    checkpoint at the next step boundary. Every rank agrees through one all-reduce per step."""
+    received = torch.zeros(1)
+
+    def handler(signum: int, _frame: object) -> None:
+        received.fill_(1)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, handler)
+
+    def stop_requested() -> bool:
+        flag = received.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return stop_requested
 
 
 @torch.no_grad()

@@ -69,10 +69,9 @@ def test_checkpoint_reloads_and_reproduces_validation_loss(quickstart_run):
     assert abs(float(total / count) - reported["val_loss"]) < 1e-4
 
 
-def test_rerun_without_flag_refuses_and_no_resume_keeps_old_files(quickstart_run, tmp_path):
+def test_rerun_resumes_and_finds_the_run_complete(quickstart_run):
     out, _ = quickstart_run
-    again = run_ftl("run", "configs/quickstart.yaml", f"output_dir={out}", "--dry-run")
-    assert again.returncode == 0 and "torch.distributed.run" in again.stdout
-    refused = run_ftl("run", "configs/quickstart.yaml", f"output_dir={out}", "train.max_steps=40")
-    assert refused.returncode == 2 and "--no-resume" in refused.stderr
+    again = run_ftl("run", "configs/quickstart.yaml", "train.max_steps=120", "checkpoint.every=50", f"output_dir={out}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already complete at step 120" in again.stdout
     assert (out / "checkpoints" / "step-120").is_dir()
