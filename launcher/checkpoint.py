@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,37 +45,60 @@ class Checkpoint:
         return json.loads((own if own.is_file() else self.path / "trainer_state.rank0.json").read_text())
 
 
-def save_checkpoint(
-    run_dir: Path, step: int, strategy: Strategy, env: RankEnv, trainer_state: dict, keep: int, spec_hash: str
-) -> Path:
-    root = checkpoint_root(run_dir)
-    tmp, final = root / f"step-{step}.tmp", root / f"step-{step}"
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    strategy.save(tmp)
-    _write_json(tmp / f"trainer_state.rank{env.rank}.json", trainer_state)
-    _test_hook_slow_save()
-    dist.barrier()
-    if env.is_main:
-        manifest = {
-            "step": step,
-            "world_size": env.world_size,
-            "strategy": strategy.name,
-            "spec_hash": spec_hash,
-            "files": {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
-        }
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_tree(tmp)
-        if final.exists():  # a finished checkpoint of the same step (e.g. a rerun): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_text_atomic(root / LATEST, final.name)
-        _prune(root, keep)
-    dist.barrier()
-    return final
+class Checkpointer:
+    """Saves this run's checkpoints. Every rank writes into `step-N.tmp/`; once all are done, rank 0
+    writes the manifest, renames the dir to `step-N/`, replaces `latest` and prunes to the last K.
+    With `background`, the tensors are written by DCP's async writer while training goes on, and the
+    rename happens at the next save or at `finish()`: at most one save is in flight."""
+
+    def __init__(self, run_dir: Path, strategy: Strategy, env: RankEnv, keep: int, spec_hash: str, background: bool) -> None:
+        self.root = checkpoint_root(run_dir)
+        self.strategy, self.env, self.keep, self.spec_hash, self.background = strategy, env, keep, spec_hash, background
+        self._pending: tuple[int, Path, Future | None] | None = None
+
+    def save(self, step: int, trainer_state: dict, wait: bool = False) -> Path:
+        self.finish()
+        tmp = self.root / f"step-{step}.tmp"
+        if self.env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        future = self.strategy.save(tmp, background=self.background and not wait)
+        _write_json(tmp / f"trainer_state.rank{self.env.rank}.json", trainer_state)
+        self._pending = (step, tmp, future)
+        if future is None:
+            return self.finish()
+        return self.root / f"step-{step}"
+
+    def finish(self) -> Path | None:
+        """Complete the save in flight, if any (collective)."""
+        if self._pending is None:
+            return None
+        step, tmp, future = self._pending
+        self._pending = None
+        if future is not None:
+            future.result()
+        _test_hook_slow_save()
+        dist.barrier()
+        final = self.root / f"step-{step}"
+        if self.env.is_main:
+            manifest = {
+                "step": step,
+                "world_size": self.env.world_size,
+                "strategy": self.strategy.name,
+                "spec_hash": self.spec_hash,
+                "files": {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
+            }
+            _write_json(tmp / MANIFEST, manifest)
+            _fsync_tree(tmp)
+            if final.exists():  # a finished checkpoint of the same step (e.g. a rerun): replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            _write_text_atomic(self.root / LATEST, final.name)
+            _prune(self.root, self.keep)
+        dist.barrier()
+        return final
 
 
 def clean_stale_tmp(run_dir: Path) -> list[Path]:

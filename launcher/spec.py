@@ -132,6 +132,9 @@ class CheckpointSpec(_Section):
     """Save every this many steps (0: only at the end)."""
     keep: int = Field(2, gt=0)
     """Complete checkpoints to keep; older ones are deleted, never the one `latest` points to."""
+    async_save: bool = False
+    """Write checkpoints in the background (DCP async: a copy to CPU memory, then a writer thread) while
+    training goes on; at most one save in flight. It becomes `latest` once complete, at the next save or the end."""
     on_corrupt: Literal["error", "previous"] = "error"
     """When the checkpoint `latest` points to is damaged: stop with an error, or resume from the newest complete one."""
 

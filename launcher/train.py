@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoint import DCP_STRATEGIES, Checkpoint, clean_stale_tmp, find_resume_checkpoint, save_checkpoint
+from launcher.checkpoint import DCP_STRATEGIES, Checkpoint, Checkpointer, clean_stale_tmp, find_resume_checkpoint
 from launcher.data import BlockStream, build_tokenizer, check_vocab, load_blocks
 from launcher.errors import FTLError
 from launcher.metrics import MetricsLog
@@ -91,9 +91,11 @@ def train(spec: JobSpec) -> None:
         f"{plan.request.shape.params_total:,} params, {len(blocks)} sequences of {spec.train.seq_len} tokens"
     )
 
-    def save(step: int) -> Path:
+    checkpointer = Checkpointer(run_dir, strategy, env, spec.checkpoint.keep, spec_hash, spec.checkpoint.async_save)
+
+    def save(step: int, wait: bool = True) -> Path:
         state = {"step": step, "data": stream.state_dict(), "rng": capture_rng(), "scheduler": scheduler.state_dict()}
-        return save_checkpoint(run_dir, step, strategy, env, state, spec.checkpoint.keep, spec_hash)
+        return checkpointer.save(step, state, wait=wait)
 
     stop_requested = install_stop_signals()
     last = min(spec.train.max_steps, spec.train.stop_at or spec.train.max_steps)
@@ -133,14 +135,16 @@ def train(spec: JobSpec) -> None:
             )
             window_start, window_steps = now, 0
         if stop_requested():
+            checkpointer.finish()
             save(step)
             log.log({"step": step, "event": "preempted", "detail": "signal received; checkpoint saved, rerun to resume"})
             log.close()
             dist.destroy_process_group()
             return
         if spec.checkpoint.every and step % spec.checkpoint.every == 0 and step != last:
-            save(step)
+            save(step, wait=False)
 
+    checkpointer.finish()
     if last < spec.train.max_steps:  # `train.stop_at`: a planned pause
         if start_step < last:
             save(last)

@@ -7,6 +7,7 @@ optimizer step with clipping, and how its state is saved and loaded.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,9 @@ class Strategy(Protocol):
     def step(self, max_grad_norm: float | None) -> float:
         """Clip (if asked), step the optimizer, zero the gradients. Returns the global grad norm."""
 
-    def save(self, path: Path) -> None:
-        """Collective: every rank writes its part of model and optimizer state under `path`."""
+    def save(self, path: Path, background: bool = False) -> Future | None:
+        """Collective: every rank writes its part of model and optimizer state under `path`. With
+        `background` it may return a future and go on writing while training continues."""
 
     def load(self, path: Path) -> None:
         """Collective: load what `save` wrote, resharding if the world size changed."""

@@ -8,14 +8,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from concurrent.futures import Future
+
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
-def save_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+_ASYNC_GROUP: dist.ProcessGroup | None = None
+
+
+def save_model_and_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, background: bool = False
+) -> Future | None:
+    """Write model + optimizer under `path`. With `background`, the state is first copied to CPU memory
+    (training may then change it) and written by a thread; the returned future completes when done."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    state = {"model": model_sd, "optim": optim_sd}
+    if not background:
+        dcp.save(state, checkpoint_id=str(path))
+        return None
+    global _ASYNC_GROUP
+    if _ASYNC_GROUP is None:
+        # The writer thread coordinates ranks with collectives of its own: on a separate gloo group, so
+        # they never interleave with the training loop's collectives.
+        _ASYNC_GROUP = dist.new_group(backend="gloo")
+    response = dcp.async_save(state, checkpoint_id=str(path), process_group=_ASYNC_GROUP)
+    return getattr(response, "upload_completion", response)
 
 
 def load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -42,8 +43,8 @@ class DDPStrategy:
         self.optimizer.zero_grad(set_to_none=False)  # keep the bucket views alive
         return float(norm)
 
-    def save(self, path: Path) -> None:
-        save_model_and_optimizer(self.model, self.optimizer, path)
+    def save(self, path: Path, background: bool = False) -> Future | None:
+        return save_model_and_optimizer(self.model, self.optimizer, path, background)
 
     def load(self, path: Path) -> None:
         load_model_and_optimizer(self.model, self.optimizer, path)

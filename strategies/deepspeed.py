@@ -58,7 +58,8 @@ class DeepSpeedStrategy:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, background: bool = False) -> None:
+        # DeepSpeed's own writer is synchronous here; a background save is written in the foreground.
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
 
     def load(self, path: Path) -> None:

@@ -10,6 +10,7 @@ keeps only its slice), or from a random init of the local shards.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -84,8 +85,8 @@ class FSDP2Strategy:
         self.optimizer.zero_grad()
         return float(norm)
 
-    def save(self, path: Path) -> None:
-        save_model_and_optimizer(self.model, self.optimizer, path)
+    def save(self, path: Path, background: bool = False) -> Future | None:
+        return save_model_and_optimizer(self.model, self.optimizer, path, background)
 
     def load(self, path: Path) -> None:
         load_model_and_optimizer(self.model, self.optimizer, path)

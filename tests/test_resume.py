@@ -165,3 +165,15 @@ def test_checkpoints_hold_no_pickles(tmp_path):
             json.loads(file.read_text())
         else:
             assert file.suffix == ".distcp" or file.name == ".metadata", file
+
+
+def test_async_save_resumes_bitwise(tmp_path):
+    """Background (DCP async) saves: training goes on while they are written; resuming from one is exact."""
+    straight = job(tmp_path, "straight")
+    ftl_ok("run", str(straight))
+    paused = job(tmp_path, "async")
+    ftl_ok("run", str(paused), "checkpoint.async_save=true", "train.stop_at=10")
+    root = tmp_path / "async" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-10" and (root / "step-8" / "manifest.json").is_file()
+    ftl_ok("run", str(paused), "checkpoint.async_save=true")
+    assert losses(tmp_path / "async") == losses(tmp_path / "straight")
