@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 
 _ASYNC_GROUP: dist.ProcessGroup | None = None
+WRITER_THREADS = 2
 
 
 def save_model_and_optimizer(
@@ -27,15 +28,21 @@ def save_model_and_optimizer(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     if not background:
-        dcp.save(state, checkpoint_id=str(path))
+        dcp.save(state, storage_writer=_writer(path))
         return None
     global _ASYNC_GROUP
     if _ASYNC_GROUP is None:
         # The writer thread coordinates ranks with collectives of its own: on a separate gloo group, so
         # they never interleave with the training loop's collectives.
         _ASYNC_GROUP = dist.new_group(backend="gloo")
-    response = dcp.async_save(state, checkpoint_id=str(path), process_group=_ASYNC_GROUP)
+    response = dcp.async_save(state, storage_writer=_writer(path), process_group=_ASYNC_GROUP)
     return getattr(response, "upload_completion", response)
+
+
+def _writer(path: Path) -> dcp.FileSystemWriter:
+    # Two writer threads per rank: serialising one tensor overlaps with writing the previous one
+    # (bench/checkpoint.py: one thread reaches ~40% of dd's bandwidth on this disk).
+    return dcp.FileSystemWriter(str(path), thread_count=WRITER_THREADS)
 
 
 def load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:

@@ -1,0 +1,64 @@
+"""Per-rank part of bench/checkpoint.py (started by torchrun): times FTL's checkpoint saves and loads
+on a ~300M-parameter model. Usage: torchrun ... bench/checkpoint_worker.py SPEC.yaml MODE OUT.json
+MODE: save (sync save, then an async save whose blocking time is measured) | load (resume-with-reshard)."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launcher.checkpoint import Checkpointer, find_resume_checkpoint
+from launcher.model_info import model_shape
+from launcher.modeling import build_model, build_optimizer
+from launcher.planner import plan, request_from_spec
+from launcher.rank_env import RankEnv
+from launcher.spec import load_spec
+from launcher.train_state import spec_fingerprint
+from strategies import get_strategy
+from strategies.base import RankContext
+
+
+def main() -> None:
+    spec_path, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    spec = load_spec(spec_path)
+    env = RankEnv.from_env()
+    dist.init_process_group("gloo")
+    job_plan = plan(request_from_spec(spec, model_shape(spec.model), "cpu"))
+    strategy = get_strategy(job_plan.strategy)(job_plan, RankContext(env, torch.device("cpu"), torch.float32), spec.train)
+    torch.manual_seed(0)
+    strategy.setup(build_model(spec), lambda m: build_optimizer(m, spec.train, "cpu"))
+    batch = torch.randint(0, 384, (1, 32))
+    strategy.model(input_ids=batch, labels=batch).loss.backward()
+    strategy.step(1.0)  # optimizer states exist from here on
+    result = {}
+    if mode == "save":
+        sync = Checkpointer(spec.output_dir, strategy, env, keep=3, spec_hash=spec_fingerprint(spec), background=False)
+        dist.barrier()
+        start = time.perf_counter()
+        path = sync.save(1, {"step": 1})
+        result["sync_save_s"] = time.perf_counter() - start
+        result["bytes"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        background = Checkpointer(spec.output_dir, strategy, env, keep=3, spec_hash=spec_fingerprint(spec), background=True)
+        dist.barrier()
+        start = time.perf_counter()
+        background.save(2, {"step": 2})
+        result["async_block_s"] = time.perf_counter() - start  # what the training loop waits for
+        background.finish()
+        result["async_total_s"] = time.perf_counter() - start
+    else:
+        ckpt = find_resume_checkpoint(spec.output_dir, spec_fingerprint(spec), fallback=False)
+        dist.barrier()
+        start = time.perf_counter()
+        strategy.load(ckpt.path)
+        result["load_s"] = time.perf_counter() - start
+        result["saved_world"] = ckpt.manifest["world_size"]
+    if env.is_main:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
