@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
+import gc
 import math
 import os
 import random
@@ -139,7 +141,6 @@ def train(spec: JobSpec) -> None:
             save(step)
             log.log({"step": step, "event": "preempted", "detail": "signal received; checkpoint saved, rerun to resume"})
             log.close()
-            dist.destroy_process_group()
             return
         if spec.checkpoint.every and step % spec.checkpoint.every == 0 and step != last:
             save(step, wait=False)
@@ -157,7 +158,6 @@ def train(spec: JobSpec) -> None:
         else:
             log.message(f"FTL: already complete at step {last}; nothing to do (raise train.max_steps to go on)")
     log.close()
-    dist.destroy_process_group()
 
 
 def check_resumable(resume: Checkpoint | None, strategy: str, world_size: int) -> None:
@@ -224,11 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher.train", description="FTL per-rank training entry (started by torchrun).")
     parser.add_argument("--spec", required=True, help="the resolved spec.yaml in the run dir")
     args = parser.parse_args(argv)
+    # `kill -USR1 <rank pid>` prints every thread's stack: the first thing to look at in a hung job.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         train(load_spec(args.spec))
     except FTLError as exc:
         print(f"error (rank {os.environ.get('RANK', 0)}): {exc}", file=sys.stderr)
         return 2
+    finally:
+        # Tear down only after train()'s objects are gone: a DDP reducer freed after the gloo group was
+        # destroyed joins the group's threads in its destructor and can hang forever (seen here).
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

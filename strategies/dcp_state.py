@@ -13,6 +13,7 @@ from concurrent.futures import Future
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 
@@ -27,16 +28,66 @@ def save_model_and_optimizer(
     (training may then change it) and written by a thread; the returned future completes when done."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    if not background:
-        dcp.save(state, storage_writer=_writer(path))
-        return None
     global _ASYNC_GROUP
     if _ASYNC_GROUP is None:
         # The writer thread coordinates ranks with collectives of its own: on a separate gloo group, so
         # they never interleave with the training loop's collectives.
         _ASYNC_GROUP = dist.new_group(backend="gloo")
-    response = dcp.async_save(state, storage_writer=_writer(path), process_group=_ASYNC_GROUP)
-    return getattr(response, "upload_completion", response)
+    response = dcp.async_save(state, storage_writer=_writer(path), process_group=_ASYNC_GROUP, async_stager=_STAGER)
+    future = getattr(response, "upload_completion", response)
+    if not background:
+        # A blocking save takes the same path and waits: writing from the staged copy measured ~2x
+        # faster than dcp.save from the live tensors here (bench/checkpoint.py), at the cost of one
+        # host copy of the states, which background saves need anyway.
+        future.result()
+        return None
+    return future
+
+
+class ReusedBufferStager:
+    """Copies the state into CPU buffers kept from one save to the next (pinned on CUDA), so a background
+    save blocks training only for a memcpy. DCP's own stager allocates fresh buffers every time, and
+    its caching variant pins memory, which fails without a GPU."""
+
+    _synchronize_after_execute = False  # stage() returns only after the copy is done
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: dict) -> dict:
+        return self._stage(state_dict, "")
+
+    def _stage(self, node, prefix: str):
+        if isinstance(node, dict):
+            return {key: self._stage(value, f"{prefix}/{key}") for key, value in node.items()}
+        if isinstance(node, list):
+            return [self._stage(value, f"{prefix}/{i}") for i, value in enumerate(node)]
+        if isinstance(node, DTensor):
+            local = self._copy(node.to_local(), prefix)
+            return DTensor.from_local(local, node.device_mesh, node.placements, run_check=False, shape=node.shape, stride=node.stride())
+        if isinstance(node, torch.Tensor):
+            return self._copy(node, prefix)
+        return node
+
+    def _copy(self, tensor: torch.Tensor, key: str) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            self._buffers[key] = buffer
+        return buffer.copy_(tensor.detach())
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._buffers.clear()
+
+
+_STAGER = ReusedBufferStager()
 
 
 def _writer(path: Path) -> dcp.FileSystemWriter:

@@ -1,0 +1,26 @@
+"""The CUDA paths (nccl, bf16 mixed precision, FSDP2 on GPU), run only where a GPU exists: the CPU suite
+covers everything around them (planning, config rendering, the same loop on gloo)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_ftl
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_quickstart_on_cuda_in_bf16(strategy, tmp_path):
+    gpus = min(2, torch.cuda.device_count())
+    result = run_ftl(
+        "run", "configs/quickstart.yaml", "hardware.device=cuda", f"--gpus={gpus}", f"strategy={strategy}",
+        "train.max_steps=100", f"output_dir={tmp_path}/run", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["precision"] == "bf16" and plan["device"] == "cuda"
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert losses[-1] < losses[0] - 2.0
