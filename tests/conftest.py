@@ -65,3 +65,18 @@ def run_ftl(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
     return subprocess.run(
         [FTL, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved random-init tiny Llama (seed 0), so every strategy starts from identical weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher.model_info import build_config
+    from launcher.spec import ModelSpec
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(build_config(ModelSpec(config=TINY_LLAMA))).save_pretrained(folder)
+    return folder

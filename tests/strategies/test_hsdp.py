@@ -7,29 +7,16 @@ import json
 import subprocess
 import sys
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM
-
-from launcher.model_info import build_config
-from launcher.planner import plan, request_from_spec
 from launcher.model_info import model_shape
-from launcher.spec import ModelSpec, load_spec
-from tests.conftest import REPO, TINY_LLAMA, tiny_spec, write_spec
+from launcher.planner import plan, request_from_spec
+from launcher.spec import load_spec
+from tests.conftest import REPO, tiny_spec, write_spec
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(build_config(ModelSpec(config=TINY_LLAMA))).save_pretrained(folder)
-    return folder
-
-
-def run_four_ranks(strategy: str, model_dir, tmp_path) -> tuple[list[float], dict]:
+def run_four_ranks(strategy: str, tiny_model_dir, tmp_path) -> tuple[list[float], dict]:
     spec = tiny_spec(
         tmp_path,
-        model={"name_or_path": str(model_dir)},
+        model={"name_or_path": str(tiny_model_dir)},
         train={"max_steps": 8, "log_every": 1, "lr": 3e-3},
         hardware={"nodes": 2, "gpus_per_node": 2},
         strategy=strategy,
@@ -47,8 +34,8 @@ def run_four_ranks(strategy: str, model_dir, tmp_path) -> tuple[list[float], dic
     return [r["loss"] for r in records if "loss" in r], plan(request_from_spec(loaded, model_shape(loaded.model), "cpu")).to_dict()
 
 
-def test_hsdp_matches_ddp_on_a_2x2_mesh(model_dir, tmp_path):
-    hsdp, hsdp_plan = run_four_ranks("fsdp2", model_dir, tmp_path)
+def test_hsdp_matches_ddp_on_a_2x2_mesh(tiny_model_dir, tmp_path):
+    hsdp, hsdp_plan = run_four_ranks("fsdp2", tiny_model_dir, tmp_path)
     assert hsdp_plan["shard_group"] == 2 and hsdp_plan["world_size"] == 4  # 2 replicas x 2 shards
-    ddp, _ = run_four_ranks("ddp", model_dir, tmp_path)
+    ddp, _ = run_four_ranks("ddp", tiny_model_dir, tmp_path)
     assert max(abs(a / b - 1) for a, b in zip(hsdp, ddp)) < 1e-4

@@ -13,30 +13,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from launcher.model_info import build_config
-from launcher.spec import ModelSpec
-from tests.conftest import TINY_LLAMA, run_ftl, tiny_spec, write_spec
+from tests.conftest import run_ftl, tiny_spec, write_spec
 
 STEPS = 20
 STRATEGIES = ["ddp", "fsdp2", "fsdp2+ac", "fsdp2_offload", "zero1", "zero2", "zero3", "zero3_offload"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(build_config(ModelSpec(config=TINY_LLAMA))).save_pretrained(folder)
-    return folder
-
-
-def losses_of(variant: str, model_dir, tmp_path) -> list[float]:
+def losses_of(variant: str, tiny_model_dir, tmp_path) -> list[float]:
     strategy, _, extra = variant.partition("+")  # "+ac": activation checkpointing (recompute; same math)
     spec = tiny_spec(
         tmp_path,
-        model={"name_or_path": str(model_dir)},
+        model={"name_or_path": str(tiny_model_dir)},
         train={"max_steps": STEPS, "log_every": 1, "grad_accum": 2, "max_grad_norm": 0.5, "lr": 3e-3,
                "activation_checkpointing": extra == "ac"},
         hardware={"gpus_per_node": 2},
@@ -51,13 +39,13 @@ def losses_of(variant: str, model_dir, tmp_path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, tmp_path_factory):
-    return losses_of("ddp", model_dir, tmp_path_factory.mktemp("ddp"))
+def reference(tiny_model_dir, tmp_path_factory):
+    return losses_of("ddp", tiny_model_dir, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "ddp"])
-def test_losses_match_ddp(strategy, reference, model_dir, tmp_path):
-    losses = losses_of(strategy, model_dir, tmp_path)
+def test_losses_match_ddp(strategy, reference, tiny_model_dir, tmp_path):
+    losses = losses_of(strategy, tiny_model_dir, tmp_path)
     assert len(losses) == len(reference) == STEPS
     assert reference[-1] < reference[0] - 0.5  # it trains
     worst = max(abs(a / b - 1) for a, b in zip(losses, reference))
