@@ -91,8 +91,9 @@ def resolve_device(spec: JobSpec) -> str:
 
 def make_job_plan(spec: JobSpec) -> Plan:
     from launcher.model_info import model_shape
+    from launcher.modeling import count_trainable
 
-    return plan(request_from_spec(spec, model_shape(spec.model), resolve_device(spec)))
+    return plan(request_from_spec(spec, model_shape(spec.model), resolve_device(spec), count_trainable(spec)))
 
 
 def job_command(spec: JobSpec, rdzv_endpoint: str | None = None) -> list[str]:

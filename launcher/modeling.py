@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
 
+from launcher.errors import FTLError
+from launcher.methods import apply_method, check_method, head_names, is_head_param
 from launcher.model_info import build_config
 from launcher.spec import JobSpec, TrainSpec
 
@@ -19,41 +27,153 @@ def pretrained_weights(spec: JobSpec) -> Path | None:
     return None
 
 
-def build_model(spec: JobSpec, meta: bool = False) -> torch.nn.Module:
-    """The job's model in fp32 on the CPU, loaded or randomly initialised (seeded by the caller).
+def auto_class(spec: JobSpec) -> type:
+    return AutoModelForSequenceClassification if spec.task.name == "classification" else AutoModelForCausalLM
+
+
+def task_config(spec: JobSpec, label_names: list[str] | None = None, pad_token_id: int | None = None) -> PretrainedConfig:
+    """The architecture config with the task's head size, label names and any dropout override."""
+    config = build_config(spec.model)
+    if spec.task.name == "classification":
+        names = label_names or [str(i) for i in range(spec.task.num_labels)]
+        config.num_labels = spec.task.num_labels
+        config.id2label = {i: name for i, name in enumerate(names)}
+        config.label2id = {name: i for i, name in enumerate(names)}
+        if pad_token_id is not None and getattr(config, "pad_token_id", None) is None:
+            # Decoder classifiers pool the last non-pad token and need to know the pad id.
+            config.pad_token_id = pad_token_id
+    if spec.train.dropout is not None:
+        for key in list(config.to_dict()):
+            if key.endswith(("dropout", "dropout_prob", "pdrop")) and isinstance(getattr(config, key, None), float | int):
+                setattr(config, key, spec.train.dropout)
+    config.use_cache = False
+    return config
+
+
+def build_model(
+    spec: JobSpec,
+    meta: bool = False,
+    label_names: list[str] | None = None,
+    pad_token_id: int | None = None,
+    device: torch.device | None = None,
+) -> torch.nn.Module:
+    """The job's model with its method applied: fp32 on the CPU (or 4-bit on `device` for QLoRA), loaded
+    or randomly initialised (seeded by the caller), in train mode.
 
     With `meta`, parameters stay on the meta device (buffers are real: they are computed, not loaded)
     and the strategy materialises them shard by shard; see strategies/fsdp2.py.
     """
-    if meta:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(build_config(spec.model), dtype=torch.float32)
-        model.tie_weights()  # init_empty_weights re-registers parameters, which unties shared ones
-    elif pretrained_weights(spec) is not None:
-        model = AutoModelForCausalLM.from_pretrained(spec.model.name_or_path, local_files_only=True, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_config(build_config(spec.model), dtype=torch.float32)
+    config = task_config(spec, label_names, pad_token_id)
+    cls = auto_class(spec)
+    try:
+        if meta:
+            with init_empty_weights(include_buffers=False):
+                model = cls.from_config(config, dtype=torch.float32)
+            model.tie_weights()  # init_empty_weights re-registers parameters, which unties shared ones
+        elif spec.method.name == "qlora":
+            model = _load_4bit(spec, config, cls, device or torch.device("cpu"))
+        elif pretrained_weights(spec) is not None:
+            model = cls.from_pretrained(spec.model.name_or_path, config=config, local_files_only=True, dtype=torch.float32)
+        else:
+            model = cls.from_config(config, dtype=torch.float32)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise FTLError(
+                f"`task: {spec.task.name}` needs a {cls.__name__.removeprefix('AutoModelFor')} head, which transformers "
+                f"does not provide for model_type {config.model_type!r}. Use another task or model family."
+            ) from None
+        raise
     if spec.train.activation_checkpointing:
         # Non-reentrant checkpointing works under DDP/FSDP without find_unused_parameters.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    check_method(spec, model)
+    model = apply_method(model, spec)
+    model.train()  # from_pretrained returns eval mode: dropout would silently be off during training
     return model
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainSpec, device_type: str) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices (not norms, biases or other 1-D parameters)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def count_trainable(spec: JobSpec) -> int:
+    """Parameters the method trains, counted on the meta device (no weights loaded); also runs the
+    method's pre-load checks, so a bad combination fails here, before anything is loaded."""
+    model = build_model(spec, meta=True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device) -> torch.nn.Module:
+    """QLoRA's base: the block Linears quantised to 4 bits by bitsandbytes as they load.
+
+    bitsandbytes quantises in `from_pretrained` only, so a random-init job first writes its random model
+    to a temporary folder. The 4-bit storage dtype is the compute dtype under FSDP2, so that sharding and
+    mixed-precision casts move the packed bytes as opaque elements instead of converting them.
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    qlora = spec.method.qlora
+    precision = spec.train.precision
+    bf16 = qlora.compute_dtype == "bf16" or (qlora.compute_dtype == "auto" and (precision == "bf16" or (precision == "auto" and device.type == "cuda")))
+    compute = torch.bfloat16 if bf16 else torch.float32
+    with init_empty_weights():
+        skeleton = cls.from_config(config)
+    skip = head_names(skeleton, spec.task.num_labels if spec.task.name == "classification" else None)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=qlora.quant_type,
+        bnb_4bit_use_double_quant=qlora.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if spec.strategy.startswith("fsdp2") else torch.uint8,
+        llm_int8_skip_modules=skip,  # the task head stays dense: it is trained in full
+    )
+    device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    with tempfile.TemporaryDirectory(prefix="ftl-qlora-") as tmp:
+        folder = pretrained_weights(spec)
+        if folder is None:
+            cls.from_config(config, dtype=torch.float32).save_pretrained(tmp)
+            folder = Path(tmp)
+        try:
+            model = cls.from_pretrained(folder, config=config, quantization_config=quant, device_map=device_map, dtype=torch.float32, local_files_only=True)
+        except ImportError as exc:
+            raise FTLError(f"QLoRA needs bitsandbytes: `pip install -c constraints.txt '.[qlora]'` ({exc}).") from None
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=spec.train.activation_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def build_optimizer(
+    model: torch.nn.Module, train: TrainSpec, device_type: str, heads: list[str] = (), new_head: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; weight decay only on matrices (not norms, biases or other 1-D
+    parameters). A new task head trains at `train.lr` and the pretrained body at `lr * body_lr_ratio`
+    (default 0.1 with a new head, else 1)."""
+    ratio = train.body_lr_ratio if train.body_lr_ratio is not None else (0.1 if new_head else 1.0)
+    groups = param_groups(model.named_parameters(), train, heads, ratio)
+    if not groups:
+        raise FTLError("No parameter of the model is trainable: check `method` (e.g. `freeze.blocks`).")
     return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=device_type == "cuda")
 
 
+def param_groups(named_params, train: TrainSpec, heads: list[str], body_ratio: float) -> list[dict]:
+    buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
+    for name, param in named_params:
+        if param.requires_grad:
+            key = (is_head_param(name, heads) or body_ratio == 1.0, param.ndim >= 2)
+            buckets.setdefault(key, []).append(param)
+    groups = []
+    for (head, matrix), params in sorted(buckets.items(), reverse=True):
+        groups.append(
+            {
+                "params": params,
+                "lr": train.lr * (1.0 if head else body_ratio),
+                "weight_decay": train.weight_decay if matrix else 0.0,
+            }
+        )
+    return groups
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup then cosine decay to `min_lr_ratio`, applied to each group's own LR."""
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=train.warmup_steps,

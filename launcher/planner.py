@@ -113,16 +113,21 @@ class Plan:
         }
 
 
-def request_from_spec(spec: JobSpec, shape: ModelShape, device: str) -> PlanRequest:
+def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trainable: int | None = None) -> PlanRequest:
     """The planner's view of a job. `device` is the resolved one ("cuda" or "cpu"): resolving `auto`
-    means looking at the machine, which the caller does."""
+    means looking at the machine, which the caller does. `params_trainable` is counted by the caller on
+    the meta-device model with the method applied (launcher.modeling.count_trainable); default: all."""
     precision = spec.train.precision
     if precision == "auto":
         precision = "bf16" if device == "cuda" else "fp32"
+    method = spec.method
+    frozen_bytes = 2 if precision == "bf16" else 4
+    if method.name == "qlora":
+        frozen_bytes = qlora_frozen_bytes_per_param(shape, precision)
     return PlanRequest(
         shape=shape,
-        params_trainable=shape.params_total,  # `full`: every parameter trains
-        frozen_bytes_per_param=2 if precision == "bf16" else 4,
+        params_trainable=shape.params_total if params_trainable is None else params_trainable,
+        frozen_bytes_per_param=frozen_bytes,
         micro_batch_size=spec.train.micro_batch_size,
         seq_len=spec.train.seq_len,
         activation_checkpointing=spec.train.activation_checkpointing,
@@ -133,7 +138,8 @@ def request_from_spec(spec: JobSpec, shape: ModelShape, device: str) -> PlanRequ
         gpu_mem_bytes=int(spec.hardware.gpu_mem),
         cpu_mem_bytes=int(spec.hardware.cpu_mem),
         strategy=spec.strategy,
-        method=spec.method.name,
+        method=method.name,
+        lora_rank=method.lora.r if method.lora is not None else 0,
     )
 
 

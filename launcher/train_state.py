@@ -44,7 +44,7 @@ def spec_fingerprint(spec: JobSpec) -> str:
     relevant = {
         "model": spec.model.model_dump(mode="json"),
         "method": spec.method.model_dump(mode="json"),
-        "task": spec.task,
+        "task": spec.task.model_dump(mode="json"),
         "tokenizer": spec.data.tokenizer,
         "seq_len": spec.train.seq_len,
     }

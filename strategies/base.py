@@ -63,3 +63,6 @@ class Strategy(Protocol):
 
     def load(self, path: Path) -> None:
         """Collective: load what `save` wrote, resharding if the world size changed."""
+
+    def trainable_changed(self) -> None:
+        """Parameters were unfrozen (gradual unfreezing): make gradient sync cover them from now on."""

@@ -14,19 +14,25 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 
 _ASYNC_GROUP: dist.ProcessGroup | None = None
 WRITER_THREADS = 2
 
 
+def _options(trainable_only: bool) -> StateDictOptions:
+    # PEFT methods save only what trains (adapters, prompt, new head): the frozen base is rebuilt from
+    # its source on resume, and 4-bit base weights are not plain tensors DCP could store.
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
 def save_model_and_optimizer(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, background: bool = False
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, background: bool = False, trainable_only: bool = False
 ) -> Future | None:
     """Write model + optimizer under `path`. With `background`, the state is first copied to CPU memory
     (training may then change it) and written by a thread; the returned future completes when done."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
     state = {"model": model_sd, "optim": optim_sd}
     global _ASYNC_GROUP
     if _ASYNC_GROUP is None:
@@ -96,8 +102,11 @@ def _writer(path: Path) -> dcp.FileSystemWriter:
     return dcp.FileSystemWriter(str(path), thread_count=WRITER_THREADS)
 
 
-def load_model_and_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+def load_model_and_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, trainable_only: bool = False
+) -> None:
+    options = _options(trainable_only)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)

@@ -10,7 +10,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.planner import Plan
-from launcher.spec import TrainSpec
+from launcher.spec import PEFT_METHODS, TrainSpec
 from strategies.base import OptimizerFactory, RankContext
 from strategies.dcp_state import load_model_and_optimizer, save_model_and_optimizer
 
@@ -22,6 +22,7 @@ class DDPStrategy:
     def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None:
         self.plan = plan
         self.ctx = ctx
+        self.trainable_only = plan.request.method in PEFT_METHODS
 
     def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None = None) -> None:
         # `weights` is unused: the model arrives loaded (DDP has no meta-device init).
@@ -44,7 +45,12 @@ class DDPStrategy:
         return float(norm)
 
     def save(self, path: Path, background: bool = False) -> Future | None:
-        return save_model_and_optimizer(self.model, self.optimizer, path, background)
+        return save_model_and_optimizer(self.model, self.optimizer, path, background, self.trainable_only)
+
+    def trainable_changed(self) -> None:
+        # DDP's reducer covers the parameters that required grad when it was built: rebuild the wrapper
+        # (same parameter objects, so the optimizer is unaffected; the broadcast re-syncs nothing new).
+        self.model = DistributedDataParallel(self.model.module, device_ids=self.model.device_ids, gradient_as_bucket_view=True)
 
     def load(self, path: Path) -> None:
-        load_model_and_optimizer(self.model, self.optimizer, path)
+        load_model_and_optimizer(self.model, self.optimizer, path, self.trainable_only)

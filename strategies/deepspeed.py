@@ -11,7 +11,7 @@ import torch
 
 from launcher.errors import FTLError
 from launcher.planner import Plan
-from launcher.spec import TrainSpec
+from launcher.spec import PEFT_METHODS, TrainSpec
 from strategies.base import OptimizerFactory, RankContext
 from strategies.deepspeed_config import deepspeed_config
 
@@ -35,6 +35,7 @@ class DeepSpeedStrategy:
         self.ctx = ctx
         self.name = plan.strategy
         self.config = deepspeed_config(plan, train, ctx.env.world_size)
+        self.trainable_only = plan.request.method in PEFT_METHODS
 
     def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None = None) -> None:
         deepspeed = import_deepspeed()
@@ -60,7 +61,14 @@ class DeepSpeedStrategy:
 
     def save(self, path: Path, background: bool = False) -> None:
         # DeepSpeed's own writer is synchronous here; a background save is written in the foreground.
-        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+        self.engine.save_checkpoint(
+            str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=self.trainable_only
+        )
 
     def load(self, path: Path) -> None:
-        self.engine.load_checkpoint(str(path), tag="deepspeed", load_lr_scheduler_states=False)
+        self.engine.load_checkpoint(
+            str(path), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not self.trainable_only
+        )
+
+    def trainable_changed(self) -> None:
+        raise FTLError("ZeRO fixes the trained parameters when it wraps the model; gradual unfreezing needs ddp.")

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from launcher.errors import FTLError
 from launcher.model_info import transformer_blocks
 from launcher.planner import Plan
-from launcher.spec import TrainSpec
+from launcher.spec import PEFT_METHODS, TrainSpec
 from strategies.base import OptimizerFactory, RankContext
 from strategies.dcp_state import load_model_and_optimizer, save_model_and_optimizer
 
@@ -36,6 +36,7 @@ class FSDP2Strategy:
     def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None:
         self.plan = plan
         self.ctx = ctx
+        self.trainable_only = plan.request.method in PEFT_METHODS
 
     def mesh(self) -> DeviceMesh:
         world, group = self.ctx.env.world_size, self.plan.shard_group
@@ -58,14 +59,17 @@ class FSDP2Strategy:
         # The root (embeddings, final norm, head) is needed again right at the start of backward.
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
 
-        model.to_empty(device="cpu" if self.offload else self.ctx.device)
-        with torch.no_grad():
-            for name, buf in buffers.items():  # non-persistent buffers (e.g. RoPE inv_freq) were real: restore
-                model.get_buffer(name).copy_(buf)
-            if weights is None:
-                init_local_shards(model, self.ctx.env.rank)
-            else:
-                load_safetensors_into_shards(model, weights)
+        if any(p.is_meta for p in model.parameters()):
+            model.to_empty(device="cpu" if self.offload else self.ctx.device)
+            with torch.no_grad():
+                for name, buf in buffers.items():  # non-persistent buffers (e.g. RoPE inv_freq) were real: restore
+                    model.get_buffer(name).copy_(buf)
+                if weights is None:
+                    init_local_shards(model, self.ctx.env.rank)
+                else:
+                    load_safetensors_into_shards(model, weights)
+        # else: the model arrived built (PEFT wrappers, new task heads, 4-bit bases) and fully_shard has
+        # already kept only this rank's shard of each parameter.
         self.model = model
         self.optimizer = build_optimizer(model)
 
@@ -86,10 +90,13 @@ class FSDP2Strategy:
         return float(norm)
 
     def save(self, path: Path, background: bool = False) -> Future | None:
-        return save_model_and_optimizer(self.model, self.optimizer, path, background)
+        return save_model_and_optimizer(self.model, self.optimizer, path, background, self.trainable_only)
+
+    def trainable_changed(self) -> None:
+        raise FTLError("FSDP2 fixes the trained parameters when it wraps the model; gradual unfreezing needs ddp.")
 
     def load(self, path: Path) -> None:
-        load_model_and_optimizer(self.model, self.optimizer, path)
+        load_model_and_optimizer(self.model, self.optimizer, path, self.trainable_only)
 
 
 class FSDP2OffloadStrategy(FSDP2Strategy):

@@ -1,0 +1,244 @@
+"""Fine-tuning methods: what trains and what stays frozen, applied to a built model (a component; no
+knowledge of the loop or the CLI). The same functions run on the meta device for the planner's counts
+and on the real model in the train entry, so the plan counts exactly what will train.
+
+- `full`: everything trains.
+- `lora` / `qlora`: PEFT LoRA adapters on a frozen base (4-bit for qlora: see launcher/modeling.py).
+- `prompt_tuning`: PEFT virtual prompt tokens; the whole model is frozen.
+- `freeze`: feature extraction (only the task head trains) or the embeddings + first N blocks frozen.
+- `gradual_unfreezing`: the head first, then one more block from the top every K steps.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from launcher.errors import FTLError
+from launcher.model_info import transformer_blocks
+from launcher.spec import JobSpec, MethodSpec
+
+# Where PEFT adds its wrapper prefixes: names are compared after removing them.
+_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
+
+
+def head_names(model: torch.nn.Module, num_labels: int | None) -> list[str]:
+    """Qualified names of the task head's modules. Classification: every Linear outside the transformer
+    blocks with `num_labels` outputs (Llama's `score`, BERT's `classifier`); causal LM: the LM head.
+    Found structurally, so a new architecture needs no table."""
+    if num_labels is None:
+        head = model.get_output_embeddings()
+        return [name for name, module in model.named_modules() if module is head]
+    in_blocks = {id(m) for block in transformer_blocks(model) for m in block.modules()}
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module.out_features == num_labels and id(module) not in in_blocks
+    ]
+    if not found:
+        raise FTLError(f"Cannot find the classification head of {type(model).__name__} (a Linear with num_labels outputs).")
+    return found
+
+
+def is_head_param(name: str, heads: list[str]) -> bool:
+    bare = strip_wrappers(name)
+    return any(bare == h or bare.startswith(h + ".") or f".{h}." in f".{bare}" for h in heads)
+
+
+def strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def embedding_param_names(model: torch.nn.Module) -> set[str]:
+    """Parameters registered before the first transformer block: the token (and position, token type)
+    embeddings and their norm. Module registration order puts them first in every HF family."""
+    in_blocks = {id(p) for block in transformer_blocks(model) for p in block.parameters()}
+    names = set()
+    for name, param in model.named_parameters():
+        if id(param) in in_blocks:
+            break
+        names.add(name)
+    return names
+
+
+def check_method(spec: JobSpec, model: torch.nn.Module) -> None:
+    """Refuse incompatible or suspicious choices before any weight is loaded (`model` is on meta)."""
+    method = spec.method
+    if method.name in ("lora", "qlora"):
+        targets = method.lora.target_modules
+        if targets != "all-linear":
+            names = [targets] if isinstance(targets, str) else targets
+            leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            missing = [t for t in names if t not in leaves and not any(n.endswith(t) for n, _ in model.named_modules())]
+            if missing:
+                raise FTLError(
+                    f"`method.lora.target_modules` names {missing}, which match no module of {type(model).__name__}. "
+                    f"Its Linear layers are: {', '.join(sorted(leaves))}. Use some of those, or `all-linear`."
+                )
+    if method.name == "qlora" and spec.strategy in ("zero3", "zero3_offload"):
+        raise FTLError(
+            f"QLoRA with `strategy: {spec.strategy}` is refused: ZeRO-3 partitions parameters by flattening them, "
+            "which breaks the packed 4-bit weights and their quantisation state. Use `strategy: ddp` or `fsdp2` "
+            "(FSDP2 shards the 4-bit storage as plain tensors), or `method.name: lora` with ZeRO-3."
+        )
+    if method.name == "gradual_unfreezing":
+        blocks = len(transformer_blocks(model))
+        stages = min(method.gradual_unfreezing.max_blocks or blocks, blocks)
+        needed = stages * method.gradual_unfreezing.every_steps
+        if needed >= spec.train.max_steps:
+            raise FTLError(
+                f"`method.gradual_unfreezing`: unfreezing {stages} blocks every {method.gradual_unfreezing.every_steps} "
+                f"steps takes {needed} steps, but `train.max_steps` is {spec.train.max_steps}: the schedule is longer "
+                "than the run. Lower `every_steps`, set `max_blocks`, or raise `train.max_steps`."
+            )
+        if spec.strategy not in ("auto", "ddp"):
+            raise FTLError(
+                f"`method.name: gradual_unfreezing` runs with `strategy: ddp` only in this version (forced: {spec.strategy}): "
+                "FSDP2 and ZeRO fix the set of trained parameters when they wrap the model, and unfreezing adds to it."
+            )
+    if method.name in ("freeze", "gradual_unfreezing") and spec.task.name == "causal_lm":
+        if getattr(model.config, "tie_word_embeddings", False):
+            raise FTLError(
+                f"`method.name: {method.name}` with `task: causal_lm` trains the LM head, but this model ties it to the "
+                "input embeddings (tie_word_embeddings), so the head cannot train while the embeddings stay frozen. "
+                "Use `task: classification` (a new head), `method.name: lora`, or a model with an untied head."
+            )
+
+
+def apply_method(model: torch.nn.Module, spec: JobSpec) -> torch.nn.Module:
+    """Set what trains; returns the model to train (a PEFT wrapper for PEFT methods)."""
+    method = spec.method
+    num_labels = spec.task.num_labels
+    if method.name == "full":
+        return model
+    if method.name in ("freeze", "gradual_unfreezing"):
+        heads = head_names(model, num_labels)
+        frozen_blocks: int | str = method.freeze.blocks if method.name == "freeze" else "all"
+        freeze_layers(model, heads, frozen_blocks, method.freeze.embeddings if method.name == "freeze" else True)
+        return model
+    return _peft(model, method, spec.task.name, num_labels)
+
+
+def freeze_layers(model: torch.nn.Module, heads: list[str], blocks: int | str, embeddings: bool) -> None:
+    """`blocks="all"`: only the head trains. N: the first N blocks (and the embeddings if asked) freeze."""
+    if blocks == "all":
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_head_param(name, heads))
+        return
+    all_blocks = transformer_blocks(model)
+    if blocks > len(all_blocks):
+        raise FTLError(f"`method.freeze.blocks` is {blocks} but the model has {len(all_blocks)} blocks.")
+    for block in all_blocks[:blocks]:
+        block.requires_grad_(False)
+    if embeddings:
+        frozen = embedding_param_names(model)
+        for name, param in model.named_parameters():
+            if name in frozen and not is_head_param(name, heads):
+                param.requires_grad_(False)
+
+
+def unfrozen_blocks_at(method: MethodSpec, step: int, num_blocks: int) -> int:
+    """Gradual unfreezing: blocks trainable (from the top) during `step` (1-based)."""
+    every = method.gradual_unfreezing.every_steps
+    cap = min(method.gradual_unfreezing.max_blocks or num_blocks, num_blocks)
+    return min((step - 1) // every, cap)
+
+
+def _peft(model: torch.nn.Module, method: MethodSpec, task: str, num_labels: int | None) -> torch.nn.Module:
+    from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+
+    task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
+    if method.name in ("lora", "qlora"):
+        lora = method.lora
+        targets = lora.target_modules
+        config = LoraConfig(
+            task_type=task_type,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            modules_to_save=list(lora.modules_to_save) or None,
+        )
+    else:
+        # Text init is done by `init_prompt_from_text` with FTL's own tokenizer: PEFT's TEXT init loads a
+        # tokenizer by name, which fails for the byte tokenizer and would reach for the hub.
+        config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=method.prompt_tuning.num_virtual_tokens)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise FTLError(f"PEFT refused `method.{method.name}` on {type(model).__name__}: {exc}") from None
+
+
+@torch.no_grad()
+def init_prompt_from_text(model: torch.nn.Module, token_ids: list[int]) -> None:
+    """Start the virtual tokens from the embeddings of `token_ids`, repeated to fill the prompt."""
+    if not token_ids:
+        raise FTLError("`method.prompt_tuning.init_text` tokenizes to nothing; give some words.")
+    prompt = model.prompt_encoder["default"].embedding.weight
+    ids = torch.tensor((token_ids * (prompt.shape[0] // len(token_ids) + 1))[: prompt.shape[0]])
+    prompt.copy_(model.get_input_embeddings()(ids.to(prompt.device)).to(prompt.dtype))
+
+
+def trainable_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def first_step_gradient_problem(model: torch.nn.Module, check_missing: bool = True) -> str:
+    """After the first backward: a description of trainable parameters that got no gradient, or ''.
+
+    The known cause is bitsandbytes on CPUs with AVX512-BF16: a forward in eval mode without gradients
+    repacks 4-bit weights into an inference layout whose kernel has no backward, after which gradients
+    stop at that layer and the adapters below it get none (or wrong ones) while the loss looks normal.
+    """
+    repacked = [
+        name
+        for name, module in model.named_modules()
+        if getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+    ]
+    if repacked:
+        return (
+            f"{len(repacked)} 4-bit layers (e.g. {repacked[0]}) were repacked by bitsandbytes for CPU inference "
+            "(a forward in eval mode without gradients ran before training), so gradients no longer flow through them"
+        )
+    # DeepSpeed ZeRO keeps gradients in its own partitions, never in `.grad`: only the repack check applies.
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None] if check_missing else []
+    if missing:
+        total = sum(p.requires_grad for p in model.parameters())
+        return f"{len(missing)} of {total} trainable parameters got no gradient (e.g. {missing[0]})"
+    return ""
+
+
+@contextmanager
+def all_trainable(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Temporarily mark `modules` trainable (to build an optimizer over them), then restore the flags."""
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for param, _ in saved:
+        param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for param, flag in saved:
+            param.requires_grad_(flag)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for validation that keeps 4-bit layers in train mode: bitsandbytes repacks 4-bit weights
+    for inference on the first eval-mode forward on CPU, and training after that gets no gradients
+    through them (see first_step_gradient_problem). Those layers behave the same in both modes otherwise."""
+    model.eval()
+    four_bit = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")]
+    for module in four_bit:
+        module.training = True
+    try:
+        yield
+    finally:
+        model.train()
