@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="rendezvous for a multi-node run (run the same command on each node)")
     r.set_defaults(func=cmd_run)
 
+    e = sub.add_parser("export", help="Write a run's latest checkpoint as a transformers/PEFT folder.")
+    e.add_argument("run_dir", type=Path, help="the run's output_dir")
+    e.add_argument("--to", type=Path, required=True, metavar="OUT", help="the folder to write (new or empty)")
+    e.add_argument("--merge", action="store_true", help="LoRA/QLoRA: merge the adapters into the base and write the whole model")
+    e.set_defaults(func=cmd_export)
+
     s = sub.add_parser("spec", help="Show the job spec's fields.")
     s.add_argument("--schema", action="store_true", help="print the JSON schema with every field's meaning")
     s.set_defaults(func=cmd_spec)
@@ -272,6 +278,17 @@ def prepare_run_dir(spec: JobSpec, job_plan: Plan, fresh: bool) -> None:
     ds_config = deepspeed_json(spec, job_plan)
     if ds_config:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import export_run
+
+    info = export_run(args.run_dir.resolve(), args.to.resolve(), merge=args.merge)
+    console.print(
+        f"exported {info['kind']} ({info['method']}) from {info['checkpoint']} to {args.to}; reloaded with "
+        f"transformers{'/peft' if info['kind'] == 'adapter' else ''}: max logit difference {info['max_logit_diff']:.1e}"
+    )
+    return 0
 
 
 def cmd_spec(args: argparse.Namespace) -> int:

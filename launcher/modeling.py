@@ -128,7 +128,12 @@ def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch
     with tempfile.TemporaryDirectory(prefix="ftl-qlora-") as tmp:
         folder = pretrained_weights(spec)
         if folder is None:
-            cls.from_config(config, dtype=torch.float32).save_pretrained(tmp)
+            # Written with safetensors directly: `save_pretrained` writes on global rank 0 only once a
+            # process group exists, and every rank needs its own copy here.
+            from safetensors.torch import save_model
+
+            save_model(cls.from_config(config, dtype=torch.float32), f"{tmp}/model.safetensors", metadata={"format": "pt"})
+            config.save_pretrained(tmp)
             folder = Path(tmp)
         try:
             model = cls.from_pretrained(folder, config=config, quantization_config=quant, device_map=device_map, dtype=torch.float32, local_files_only=True)

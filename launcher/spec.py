@@ -391,6 +391,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
+            elif isinstance(child, str) and part == "task":  # `task: causal_lm` is short for {name: causal_lm}
+                child = node[part] = {"name": child}
             elif not isinstance(child, dict):
                 raise FTLError(f"Override {text!r}: `{part}` holds a value, not a section, so it has no sub-keys.")
             node = child
