@@ -7,6 +7,7 @@ Precedence is explicit: CLI override > YAML > field default. Every validation pr
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -452,7 +453,10 @@ def _known_fields(parent: list[str]) -> list[str]:
     model: type[BaseModel] = JobSpec
     for part in parent:
         annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        # `LoraSpec | None` and friends: the section's model is the BaseModel among the union's members.
+        members = [annotation, *typing.get_args(annotation)]
+        found = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+        if not found:
             return []
-        model = annotation
+        model = found[0]
     return list(model.model_fields)

@@ -298,7 +298,7 @@ class EarlyStopping:
 
 @torch.no_grad()
 def evaluate(spec: JobSpec, model: torch.nn.Module, examples: Examples, env: RankEnv, ctx: RankContext) -> dict[str, float]:
-    """Validation loss (and accuracy, macro-F1 for classification), over every rank's share, reduced.
+    """Validation loss (and accuracy, macro-F1 for classification) over the whole validation file.
 
     Every rank runs the same number of forwards (ranks with fewer examples repeat one with weight 0):
     DDP and FSDP2 forwards are collectives, and an uneven count would hang the job.
@@ -308,8 +308,6 @@ def evaluate(spec: JobSpec, model: torch.nn.Module, examples: Examples, env: Ran
     per_rank = -(-total // env.world_size)
     mb = spec.train.micro_batch_size
     n_batches = -(-per_rank // mb)
-    if spec.task.name == "causal_lm":
-        n_batches = min(n_batches, 16)  # a bounded estimate of the LM loss
     num_labels = spec.task.num_labels or 0
     confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.float64)
     sums = torch.zeros(2, dtype=torch.float64)  # loss * count, count
