@@ -40,14 +40,18 @@ def ftl_ok(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy):
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [("ddp", []), ("fsdp2", []), ("zero2", []), ("ddp", ["method.name=lora"])],
+    ids=["ddp", "fsdp2", "zero2", "lora-ddp"],  # lora: the checkpoint holds the adapters only
+)
+def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra):
     straight = job(tmp_path, "straight")
-    ftl_ok("run", str(straight), f"strategy={strategy}")
+    ftl_ok("run", str(straight), f"strategy={strategy}", *extra)
     paused = job(tmp_path, "paused")
-    ftl_ok("run", str(paused), f"strategy={strategy}", "train.stop_at=6")  # saves step 6 (not a multiple of 4)
+    ftl_ok("run", str(paused), f"strategy={strategy}", "train.stop_at=6", *extra)  # saves step 6 (not a multiple of 4)
     assert max(losses(tmp_path / "paused")) == 6
-    ftl_ok("run", str(paused), f"strategy={strategy}")
+    ftl_ok("run", str(paused), f"strategy={strategy}", *extra)
     assert losses(tmp_path / "paused") == losses(tmp_path / "straight")
 
 
