@@ -34,7 +34,7 @@ from launcher.planner import request_from_spec
 from launcher.rank_env import RankEnv
 from launcher.spec import JobSpec, load_spec
 from launcher.train_state import capture_rng, restore_rng, spec_fingerprint
-from strategies import get_strategy
+from strategies import check_pinned_memory, get_strategy
 from strategies.base import RankContext
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -58,6 +58,7 @@ def train(spec: JobSpec) -> None:
     timeout = datetime.timedelta(seconds=spec.train.collective_timeout_s)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     plan = make_plan(request_from_spec(spec, model_shape(spec.model), device.type, count_trainable(spec)))
+    check_pinned_memory(plan.strategy, device.type)
     compute_dtype = torch.bfloat16 if plan.request.precision == "bf16" else torch.float32
     ctx = RankContext(env=env, device=device, compute_dtype=compute_dtype)
     run_dir = spec.output_dir

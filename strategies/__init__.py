@@ -38,6 +38,23 @@ def check_available(name: str) -> None:
             ) from None
 
 
+def check_pinned_memory(name: str, device_type: str) -> None:
+    """Offloading strategies on CUDA stage states in pinned (page-locked) host memory; containers and
+    hosts with a low memlock limit refuse it, which otherwise surfaces as an opaque CUDA error mid-setup."""
+    if not name.endswith("_offload") or device_type != "cuda":
+        return
+    import torch
+
+    try:
+        torch.empty(2**20, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError as exc:
+        raise FTLError(
+            f"Strategy {name} offloads to pinned CPU memory, which this machine refused ({str(exc).splitlines()[0]}). "
+            "Raise the locked-memory limit (`ulimit -l unlimited`; in Docker `--ulimit memlock=-1`), or use a "
+            "strategy without offload (`strategy=fsdp2` or `zero3`) with more GPUs."
+        ) from None
+
+
 def _importable(module: str) -> bool:
     """Without importing it (DeepSpeed's import is slow and chatty)."""
     import importlib.util

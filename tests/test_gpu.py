@@ -24,3 +24,21 @@ def test_quickstart_on_cuda_in_bf16(strategy, tmp_path):
     assert plan["precision"] == "bf16" and plan["device"] == "cuda"
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert losses[-1] < losses[0] - 2.0
+
+
+@pytest.mark.gpu
+def test_offload_checks_pinned_memory_on_cuda():
+    """On a GPU host that allows pinned memory the check passes; where the memlock limit forbids it,
+    the same call raises an FTLError naming `ulimit -l` instead of a CUDA error mid-setup."""
+    from strategies import check_pinned_memory
+
+    check_pinned_memory("fsdp2_offload", "cuda")
+
+
+@pytest.mark.gpu
+def test_qlora_on_cuda_trains(tmp_path):
+    result = run_ftl(
+        "run", "configs/quickstart.yaml", "hardware.device=cuda", "--gpus=1", "method.name=qlora",
+        "train.max_steps=50", f"output_dir={tmp_path}/run", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
