@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -70,3 +72,33 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
+
+
+def memory_record(strategy, device: torch.device) -> dict[str, int]:
+    """This rank's model-state bytes (parameters incl. 4-bit storage, gradients, optimizer states, each
+    storage counted once) and its peak memory: RSS on CPU, allocated device memory on CUDA."""
+    import resource
+
+    seen: set[int] = set()
+
+    def nbytes(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                local = t.to_local() if hasattr(t, "to_local") else t
+                storage = local.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total
+
+    params = list(strategy.model.parameters())
+    record = {
+        "param_bytes": nbytes(params),
+        "grad_bytes": nbytes(p.grad for p in params),
+        "optimizer_bytes": nbytes(v for state in strategy.optimizer.state.values() for v in state.values()),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    if device.type == "cuda":
+        record["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return record

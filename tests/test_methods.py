@@ -21,6 +21,7 @@ CASES = {
     "lora-ddp": dict(method={"name": "lora", "lora": {"r": 8}}, data=LM_VAL, strategy="ddp"),
     "lora-fsdp2": dict(method={"name": "lora", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}, data=LM_VAL, strategy="fsdp2"),
     "qlora-fsdp2": dict(method={"name": "qlora", "lora": {"r": 8}}, data=LM_VAL, strategy="fsdp2"),
+    "qlora-zero2": dict(method={"name": "qlora", "lora": {"r": 8}}, data=LM_VAL, strategy="zero2"),
     "prompt-text": dict(
         method={"name": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 8, "init": "text", "init_text": "Ada has"}},
         data=LM_VAL,
@@ -79,6 +80,13 @@ def test_method_trains_exports_and_reloads(tmp_path: Path, name: str) -> None:
     assert val["val_loss"] == pytest.approx(final_val["val_loss"], rel=1e-4)
     if "accuracy" in final_val:
         assert val["accuracy"] == pytest.approx(final_val["accuracy"])
+    if name == "lora-ddp":  # --merge: the adapters folded into the base, written as a whole model
+        merged = tmp_path / "merged"
+        result = run_ftl("export", str(run_dir), "--to", str(merged), "--merge")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not (merged / "adapter_config.json").exists()
+        merged_val = validation_metrics(load_export(merged, spec), spec)
+        assert merged_val["val_loss"] == pytest.approx(final_val["val_loss"], rel=1e-4)
 
 
 def load_export(out: Path, spec: dict) -> torch.nn.Module:
