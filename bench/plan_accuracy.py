@@ -4,6 +4,8 @@ under FakeTensorMode with a fake process group for the rest (an 8B or 70B model 
 traced here without allocating it). Predicted excludes the fixed CUDA/NCCL overhead, which no tensor
 tracker sees.
 
+4-bit (QLoRA) cells run a real step on this CPU.
+
 Usage: python bench/plan_accuracy.py [--quick]   (--quick: only the cells that take seconds)
 Last line: RESULT cells=N worst_err=E   (E = max |predicted/measured - 1|)
 """
@@ -18,6 +20,9 @@ CELLS = [
     Cell("tiny", "full", "ddp", 1, 4, 256, "fp32", fake=False),
     Cell("tiny", "full", "fsdp2", 2, 4, 256, "fp32"),
     Cell("tiny", "lora", "ddp", 1, 4, 256, "fp32", fake=False),
+    # QLoRA: real 4-bit steps (bitsandbytes has no fake-tensor kernels), so CPU-sized models only.
+    Cell("tiny", "qlora", "ddp", 1, 4, 256, "fp32", fake=False),
+    Cell("125m", "qlora", "ddp", 1, 1, 512, "fp32", fake=False),
     Cell("125m", "full", "ddp", 1, 4, 1024),
     Cell("125m", "full", "fsdp2", 8, 4, 1024),
     Cell("125m", "lora", "ddp", 1, 4, 1024),

@@ -10,7 +10,7 @@ from transformers import AutoConfig
 from launcher.measure import MeasuredMemory, StepSetup, measure_step
 from launcher.memory import MemoryBreakdown, MemoryInputs, per_rank_memory
 from launcher.model_info import model_shape
-from launcher.planner import lora_params
+from launcher.planner import lora_params, qlora_frozen_bytes_per_param
 from launcher.spec import ModelSpec
 
 LORA_RANK = 16
@@ -28,7 +28,7 @@ MODELS: dict[str, dict] = {
 @dataclass(frozen=True)
 class Cell:
     model: str
-    method: str  # "full" | "lora"
+    method: str  # "full" | "lora" | "qlora" (real steps only)
     strategy: str  # "ddp" | "fsdp2"
     world_size: int
     micro_batch_size: int
@@ -67,13 +67,14 @@ def model_config(name: str) -> AutoConfig:
 def compare(cell: Cell) -> Comparison:
     config = model_config(cell.model)
     shape = model_shape(ModelSpec(config={"model_type": "llama", **config.to_diff_dict()}))
-    lora = cell.method == "lora"
+    lora = cell.method in ("lora", "qlora")
     trainable = lora_params(shape, LORA_RANK) if lora else shape.params_total
     dense = 2 if cell.precision == "bf16" else 4
+    frozen = qlora_frozen_bytes_per_param(shape, cell.precision) if cell.method == "qlora" else dense
     inputs = MemoryInputs(
         shape=shape,
         params_trainable=trainable,
-        frozen_bytes_per_param=dense,
+        frozen_bytes_per_param=frozen,
         precision=cell.precision,
         device="cuda",
         micro_batch_size=cell.micro_batch_size,
@@ -92,6 +93,7 @@ def compare(cell: Cell) -> Comparison:
             precision=cell.precision,
             activation_checkpointing=cell.activation_checkpointing,
             lora_rank=LORA_RANK if lora else 0,
+            quantized=cell.method == "qlora",
             fake=cell.fake,
         )
     )

@@ -93,6 +93,7 @@ class StepSetup:
     precision: str = "fp32"  # "bf16": FSDP2 mixed precision / DDP autocast, as on a GPU
     activation_checkpointing: bool = False
     lora_rank: int = 0  # > 0: LoRA on every Linear of the blocks; the base is frozen (bf16 under bf16)
+    quantized: bool = False  # QLoRA: the block Linears in 4-bit NF4 (bitsandbytes; real steps only)
     fake: bool = True
     steps: int = 2
 
@@ -101,6 +102,8 @@ def measure_step(setup: StepSetup) -> MeasuredMemory:
     """Peak memory of one rank over `setup.steps` training steps (the second step has optimizer states)."""
     if setup.strategy not in MEASURABLE:
         raise ValueError(f"cannot measure {setup.strategy!r}; measurable: {MEASURABLE}")
+    if setup.quantized and (setup.fake or not setup.lora_rank):
+        raise ValueError("4-bit models are measured in real steps (bitsandbytes kernels have no fake-tensor rules), with LoRA")
     with _process_group(setup):
         mesh = None
         if setup.strategy != "ddp":
@@ -122,13 +125,35 @@ def measure_step(setup: StepSetup) -> MeasuredMemory:
 def _build_model(setup: StepSetup) -> torch.nn.Module:
     torch.manual_seed(0)
     _register_causal_only_attention()
-    model = AutoModelForCausalLM.from_config(setup.config, dtype=torch.float32, attn_implementation=CAUSAL_ONLY)
+    if setup.quantized:
+        model = _load_nf4(setup)
+    else:
+        model = AutoModelForCausalLM.from_config(setup.config, dtype=torch.float32, attn_implementation=CAUSAL_ONLY)
     model.config.use_cache = False
     if setup.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if setup.lora_rank:
         model = _with_lora(model, setup)
     return model
+
+
+def _load_nf4(setup: StepSetup) -> torch.nn.Module:
+    """The config's random model with its block Linears quantised to NF4 as FTL's QLoRA loads it
+    (bitsandbytes quantises in from_pretrained only: written to a temporary folder first)."""
+    import tempfile
+
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+    )
+    with tempfile.TemporaryDirectory(prefix="ftl-measure-nf4-") as tmp:
+        AutoModelForCausalLM.from_config(setup.config, dtype=torch.float32).save_pretrained(tmp)
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=quant, dtype=torch.float32, attn_implementation=CAUSAL_ONLY, device_map={"": "cpu"}
+        )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=setup.activation_checkpointing)
 
 
 CAUSAL_ONLY = "ftl_causal_only"
@@ -202,6 +227,7 @@ def _with_lora(model: torch.nn.Module, setup: StepSetup) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     names = sorted({n.rsplit(".", 1)[-1] for n, m in transformer_blocks(model)[0].named_modules() if isinstance(m, torch.nn.Linear)})
+    # (bitsandbytes' Linear4bit is a torch.nn.Linear subclass, so the 4-bit blocks are found the same way.)
     peft_model = get_peft_model(model, LoraConfig(r=setup.lora_rank, lora_alpha=2 * setup.lora_rank, target_modules=names))
     if setup.precision == "bf16":
         # The frozen base is stored in bf16 and the adapters stay fp32. Parameters are replaced one by

@@ -33,7 +33,7 @@ def save_model_and_optimizer(
     """Write model + optimizer under `path`. With `background`, the state is first copied to CPU memory
     (training may then change it) and written by a thread; the returned future completes when done."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
-    state = {"model": model_sd, "optim": optim_sd}
+    state = this_ranks_share({"model": model_sd, "optim": optim_sd}, dist.get_rank(), dist.get_world_size())
     global _ASYNC_GROUP
     if _ASYNC_GROUP is None:
         # The writer thread coordinates ranks with collectives of its own: on a separate gloo group, so
@@ -48,6 +48,46 @@ def save_model_and_optimizer(
         future.result()
         return None
     return future
+
+
+# Replicated tensors smaller than this stay in every rank's share (DCP deduplicates their writes).
+SHARE_MIN_BYTES = 2**20
+
+
+def this_ranks_share(state: dict, rank: int, world_size: int) -> dict:
+    """The part of a replicated (DDP) state this rank stages and writes: each large plain tensor goes to
+    one rank, balanced by bytes, the same on every rank. DCP would write each replicated tensor once
+    anyway (it deduplicates at planning), but only after every rank has copied all of them to CPU;
+    splitting first divides the staging copy, and the time a save blocks training, by the world size.
+    DCP merges the ranks' items into one checkpoint, so loading (on any world size) is unchanged.
+    Sharded (DTensor) entries are already this rank's own and are kept."""
+    if world_size == 1:
+        return state
+    large: list[tuple[tuple, torch.Tensor]] = []
+
+    def collect(node, path: tuple) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                collect(value, (*path, key))
+        elif isinstance(node, torch.Tensor) and not isinstance(node, DTensor):
+            if node.numel() * node.element_size() >= SHARE_MIN_BYTES:
+                large.append((path, node))
+
+    collect(state, ())
+    loads = [0] * world_size
+    dropped = set()
+    for path, tensor in sorted(large, key=lambda item: (-item[1].numel() * item[1].element_size(), str(item[0]))):
+        owner = loads.index(min(loads))
+        loads[owner] += tensor.numel() * tensor.element_size()
+        if owner != rank:
+            dropped.add(path)
+
+    def prune(node, path: tuple):
+        if isinstance(node, dict):
+            return {k: prune(v, (*path, k)) for k, v in node.items() if (*path, k) not in dropped}
+        return node
+
+    return prune(state, ())
 
 
 class ReusedBufferStager:
