@@ -96,6 +96,13 @@ def count_trainable(spec: JobSpec) -> int:
     """Parameters the method trains, counted on the meta device (no weights loaded); also runs the
     method's pre-load checks, so a bad combination fails here, before anything is loaded."""
     model = build_model(spec, meta=True)
+    if spec.method.name == "gradual_unfreezing":  # memory is planned for the last stage, the largest
+        from launcher.methods import unfrozen_blocks_at
+        from launcher.model_info import transformer_blocks
+
+        blocks = transformer_blocks(model)
+        for block in blocks[len(blocks) - unfrozen_blocks_at(spec.method, spec.train.max_steps, len(blocks)) :]:
+            block.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

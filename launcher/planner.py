@@ -162,7 +162,10 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
     if request.strategy != "auto":
         return _forced(request, suggest)
     rejected: list[tuple[str, str]] = []
-    for strategy in AUTO_ORDER:
+    # Gradual unfreezing adds trainable parameters mid-run, which only DDP's re-wrap supports (see
+    # strategies/ddp.py): the other strategies fix the trained set when they wrap the model.
+    order = ("ddp",) if request.method == "gradual_unfreezing" else AUTO_ORDER
+    for strategy in order:
         est = estimate(request, strategy)
         if est.fits:
             return Plan(
@@ -175,6 +178,18 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
                 rejected=tuple(rejected),
             )
         rejected.append((strategy, est.why_not))
+    if order != AUTO_ORDER:
+        ddp = estimate(request, "ddp")
+        return Plan(
+            request=request,
+            strategy="ddp",
+            shard_group=ddp.shard_group,
+            fits=False,
+            reason=f"Nothing fits: gradual unfreezing runs on DDP only, and DDP {ddp.why_not}. Use `method.name: freeze` or lora with sharding.",
+            per_rank=ddp.memory,
+            rejected=tuple(rejected),
+            suggestions=suggestions(request) if suggest else (),
+        )
     best = estimate(request, "fsdp2")
     short = best.memory.total - int(request.gpu_mem_bytes * HEADROOM)
     return Plan(

@@ -136,3 +136,10 @@ def test_plan_json_has_the_documented_keys():
     assert set(d["per_rank_bytes"]) >= {"params", "grads", "optimizer", "activations", "logits", "overhead", "total"}
     assert d["per_rank_bytes"]["total"] < 72 * 10**9
     assert d["per_rank_bytes"]["total"] > 10 * GiB
+
+
+def test_gradual_unfreezing_is_planned_on_ddp_only():
+    """Unfreezing adds trained parameters mid-run, which only DDP's re-wrap supports."""
+    assert plan(request("1b", method="gradual_unfreezing")).strategy == "ddp"
+    result = plan(request("8b", method="gradual_unfreezing"))
+    assert not result.fits and result.strategy == "ddp" and "gradual unfreezing runs on DDP only" in result.reason
