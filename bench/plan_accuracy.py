@@ -26,6 +26,10 @@ CELLS = [
     Cell("125m", "full", "ddp", 1, 4, 1024),
     Cell("125m", "full", "fsdp2", 8, 4, 1024),
     Cell("125m", "lora", "ddp", 1, 4, 1024),
+    # FSDP grad-op (ZeRO-2-like: reshard_after_forward=False): DeepSpeed itself cannot run under fake tensors.
+    Cell("125m", "full", "fsdp2_gradop", 8, 4, 1024),
+    Cell("1b", "full", "fsdp2_gradop", 8, 2, 2048, activation_checkpointing=True),
+    Cell("8b", "full", "fsdp2_gradop", 8, 1, 4096, activation_checkpointing=True),
     Cell("1b", "full", "fsdp2", 8, 2, 2048, activation_checkpointing=True),
     Cell("1b", "lora", "fsdp2", 8, 2, 2048),
     Cell("1b", "full", "fsdp2", 64, 1, 4096, activation_checkpointing=True),

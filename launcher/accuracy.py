@@ -29,7 +29,7 @@ MODELS: dict[str, dict] = {
 class Cell:
     model: str
     method: str  # "full" | "lora" | "qlora" (real steps only)
-    strategy: str  # "ddp" | "fsdp2"
+    strategy: str  # "ddp" | "fsdp2" | "fsdp2_gradop"
     world_size: int
     micro_batch_size: int
     seq_len: int

@@ -178,6 +178,12 @@ def per_rank_memory(strategy: str, inputs: MemoryInputs, shard: int) -> MemoryBr
             # backward, not just two blocks.
             compute = 2 if inputs.precision == "bf16" else 4
             gathered = compute * (inputs.shape.num_layers * inputs.shape.params_largest_block + inputs.shape.params_embedding)
+    elif strategy == "fsdp2_gradop":
+        # FSDP2 with reshard_after_forward=False (ZeRO-2-like, FSDP1's SHARD_GRAD_OP): states sharded as
+        # in fsdp2, but every block's unsharded parameters stay gathered from its forward to its backward.
+        params, grads, optimizer = params // shard, grads // shard, optimizer // shard
+        gathered = _gathered_bytes(inputs, shard, blocks=inputs.shape.num_layers)
+        grads_kept = 0
     elif strategy in ("fsdp2_offload", "zero3_offload"):
         host = (params + grads + optimizer) // shard
         params, grads, optimizer, grads_kept = 0, 0, 0, 0
