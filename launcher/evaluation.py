@@ -19,7 +19,6 @@ class EarlyStopping:
     def __init__(self, metric: str, patience: int | None) -> None:
         self.metric, self.patience = metric, patience
         self.best: float | None = None
-        self.best_step_evals = 0
         self.since_best = 0
         self.stopped = False
 

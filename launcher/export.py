@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from launcher.checkpoint import DCP_STRATEGIES, find_resume_checkpoint
 from launcher.data import build_tokenizer
@@ -25,6 +25,7 @@ from launcher.errors import FTLError
 from launcher.modeling import auto_class, build_model, task_config
 from launcher.spec import JobSpec, MethodSpec, load_spec
 from launcher.train_state import spec_fingerprint
+from strategies.dcp_state import state_dict_options
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
@@ -89,7 +90,7 @@ def load_trained_model(spec: JobSpec, ckpt_path: Path, strategy: str, label_name
     model = build_model(spec, label_names=label_names, pad_token_id=build_tokenizer(spec).pad_token_id)
     trainable_only = spec.method.is_peft
     if strategy in DCP_STRATEGIES:
-        options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+        options = state_dict_options(trainable_only)
         state = {"model": get_model_state_dict(model, options=options)}
         dcp.load(state, checkpoint_id=str(ckpt_path), planner=dcp.default_planner.DefaultLoadPlanner(allow_partial_load=True))
         set_model_state_dict(model, state["model"], options=options)

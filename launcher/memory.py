@@ -168,22 +168,19 @@ def per_rank_memory(strategy: str, inputs: MemoryInputs, shard: int) -> MemoryBr
         optimizer //= shard
         grads //= shard
         grads_kept = grads
-    elif strategy in ("fsdp2", "zero3"):
+    elif strategy in ("fsdp2", "fsdp2_gradop", "zero3"):
         params, grads, optimizer = params // shard, grads // shard, optimizer // shard
-        gathered = _gathered_bytes(inputs, shard)
-        grads_kept = 0 if strategy == "fsdp2" else grads  # FSDP2 zero_grad frees the sharded grads
+        # fsdp2_gradop is FSDP2 with reshard_after_forward=False (ZeRO-2-like, FSDP1's SHARD_GRAD_OP):
+        # every block's unsharded parameters stay gathered from its forward to its backward.
+        blocks = inputs.shape.num_layers if strategy == "fsdp2_gradop" else GATHERED_BLOCKS
+        gathered = _gathered_bytes(inputs, shard, blocks)
+        grads_kept = grads if strategy == "zero3" else 0  # FSDP2 zero_grad frees the sharded grads
         if strategy == "fsdp2" and inputs.lora_rank and inputs.activation_checkpointing:
             # Traced (bench/plan_accuracy.py): with a frozen base under activation checkpointing, every
             # block's unsharded weights (full-size all-gather outputs) stay alive until the end of
             # backward, not just two blocks.
             compute = 2 if inputs.precision == "bf16" else 4
             gathered = compute * (inputs.shape.num_layers * inputs.shape.params_largest_block + inputs.shape.params_embedding)
-    elif strategy == "fsdp2_gradop":
-        # FSDP2 with reshard_after_forward=False (ZeRO-2-like, FSDP1's SHARD_GRAD_OP): states sharded as
-        # in fsdp2, but every block's unsharded parameters stay gathered from its forward to its backward.
-        params, grads, optimizer = params // shard, grads // shard, optimizer // shard
-        gathered = _gathered_bytes(inputs, shard, blocks=inputs.shape.num_layers)
-        grads_kept = 0
     elif strategy in ("fsdp2_offload", "zero3_offload"):
         host = (params + grads + optimizer) // shard
         params, grads, optimizer, grads_kept = 0, 0, 0, 0

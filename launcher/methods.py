@@ -20,10 +20,6 @@ from launcher.errors import FTLError
 from launcher.model_info import transformer_blocks
 from launcher.spec import JobSpec, MethodSpec
 
-# Where PEFT adds its wrapper prefixes: names are compared after removing them.
-_WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
-
-
 def head_names(model: torch.nn.Module, num_labels: int | None) -> list[str]:
     """Qualified names of the task head's modules. Classification: every Linear outside the transformer
     blocks with `num_labels` outputs (Llama's `score`, BERT's `classifier`); causal LM: the LM head.
@@ -43,18 +39,9 @@ def head_names(model: torch.nn.Module, num_labels: int | None) -> list[str]:
 
 
 def is_head_param(name: str, heads: list[str]) -> bool:
-    bare = strip_wrappers(name)
-    return any(bare == h or bare.startswith(h + ".") or f".{h}." in f".{bare}" for h in heads)
-
-
-def strip_wrappers(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return name
+    """Whether parameter `name` belongs to a head module, whatever wrappers (DDP's `module.`, PEFT's
+    `base_model.model.`) prefix it: the head's path must appear as whole components of the name."""
+    return any(f".{head}." in f".{name}." for head in heads)
 
 
 def embedding_param_names(model: torch.nn.Module) -> set[str]:
@@ -143,6 +130,13 @@ def freeze_layers(model: torch.nn.Module, heads: list[str], blocks: int | str, e
         for name, param in model.named_parameters():
             if name in frozen and not is_head_param(name, heads):
                 param.requires_grad_(False)
+
+
+def unfreeze_top_blocks(blocks: list[torch.nn.Module], count: int) -> int:
+    """Make the top `count` blocks trainable; returns `count`."""
+    for block in blocks[len(blocks) - count :]:
+        block.requires_grad_(True)
+    return count
 
 
 def unfrozen_blocks_at(method: MethodSpec, step: int, num_blocks: int) -> int:

@@ -15,8 +15,9 @@ from transformers import (
 )
 
 from launcher.errors import FTLError
-from launcher.methods import apply_method, check_method, head_names, is_head_param
-from launcher.model_info import build_config
+from launcher.methods import apply_method, check_method, head_names, is_head_param, unfreeze_top_blocks, unfrozen_blocks_at
+from launcher.model_info import build_config, transformer_blocks
+from launcher.planner import resolve_precision
 from launcher.spec import JobSpec, TrainSpec
 
 
@@ -97,12 +98,8 @@ def count_trainable(spec: JobSpec) -> int:
     method's pre-load checks, so a bad combination fails here, before anything is loaded."""
     model = build_model(spec, meta=True)
     if spec.method.name == "gradual_unfreezing":  # memory is planned for the last stage, the largest
-        from launcher.methods import unfrozen_blocks_at
-        from launcher.model_info import transformer_blocks
-
         blocks = transformer_blocks(model)
-        for block in blocks[len(blocks) - unfrozen_blocks_at(spec.method, spec.train.max_steps, len(blocks)) :]:
-            block.requires_grad_(True)
+        unfreeze_top_blocks(blocks, unfrozen_blocks_at(spec.method, spec.train.max_steps, len(blocks)))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -117,9 +114,8 @@ def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch
     from transformers import BitsAndBytesConfig
 
     qlora = spec.method.qlora
-    precision = spec.train.precision
-    bf16 = qlora.compute_dtype == "bf16" or (qlora.compute_dtype == "auto" and (precision == "bf16" or (precision == "auto" and device.type == "cuda")))
-    compute = torch.bfloat16 if bf16 else torch.float32
+    choice = resolve_precision(spec.train.precision, device.type) if qlora.compute_dtype == "auto" else qlora.compute_dtype
+    compute = torch.bfloat16 if choice == "bf16" else torch.float32
     with init_empty_weights():
         skeleton = cls.from_config(config)
     skip = head_names(skeleton, spec.task.num_labels if spec.task.name == "classification" else None)

@@ -117,9 +117,7 @@ def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trai
     """The planner's view of a job. `device` is the resolved one ("cuda" or "cpu"): resolving `auto`
     means looking at the machine, which the caller does. `params_trainable` is counted by the caller on
     the meta-device model with the method applied (launcher.modeling.count_trainable); default: all."""
-    precision = spec.train.precision
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
+    precision = resolve_precision(spec.train.precision, device)
     method = spec.method
     frozen_bytes = 2 if precision == "bf16" else 4
     if method.name == "qlora":
@@ -141,6 +139,13 @@ def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trai
         method=method.name,
         lora_rank=method.lora.r if method.lora is not None else 0,
     )
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` is bf16 (mixed precision) on CUDA and fp32 on the CPU."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
 
 
 def estimate(request: PlanRequest, strategy: str) -> Estimate:

@@ -66,7 +66,6 @@ class ModelSpec(_Section):
 
 
 PEFT_METHODS = ("lora", "qlora", "prompt_tuning")  # saved and exported as adapters, not whole models
-METHODS = ("full", "lora", "qlora", "prompt_tuning", "freeze", "gradual_unfreezing")
 
 
 class LoraSpec(_Section):
@@ -185,10 +184,6 @@ class MethodSpec(_Section):
     def is_peft(self) -> bool:
         """Methods whose checkpoint and export hold only the trained parameters (a PEFT adapter)."""
         return self.name in PEFT_METHODS
-
-    @property
-    def freezes_base(self) -> bool:
-        return self.name != "full"
 
 
 class TaskSpec(_Section):

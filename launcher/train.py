@@ -25,8 +25,15 @@ import torch.distributed as dist
 from launcher.checkpoint import DCP_STRATEGIES, Checkpoint, Checkpointer, clean_stale_tmp, find_resume_checkpoint
 from launcher.data import BlockStream, build_tokenizer, check_vocab, load_examples
 from launcher.errors import FTLError
-from launcher.methods import all_trainable, first_step_gradient_problem, head_names, init_prompt_from_text, unfrozen_blocks_at
 from launcher.evaluation import EarlyStopping, evaluate
+from launcher.methods import (
+    all_trainable,
+    first_step_gradient_problem,
+    head_names,
+    init_prompt_from_text,
+    unfreeze_top_blocks,
+    unfrozen_blocks_at,
+)
 from launcher.metrics import MetricsLog, memory_record
 from launcher.model_info import model_shape, transformer_blocks
 from launcher.modeling import build_model, build_optimizer, build_scheduler, count_trainable, pretrained_weights
@@ -37,6 +44,7 @@ from launcher.spec import JobSpec, load_spec
 from launcher.train_state import capture_rng, restore_rng, spec_fingerprint
 from strategies import check_pinned_memory, get_strategy
 from strategies.base import RankContext
+
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
@@ -133,8 +141,8 @@ def train(spec: JobSpec) -> None:
     window_start, window_steps = log.elapsed_s(), 0
     watch = EarlyStopping(spec.train.early_stopping_metric, spec.train.early_stopping_patience)
     for step in range(start_step + 1, last + 1):
-        if gradual and unfrozen_blocks_at(spec.method, step, len(blocks)) > unfrozen:
-            unfrozen = unfreeze_top_blocks(blocks, unfrozen_blocks_at(spec.method, step, len(blocks)))
+        if gradual and (due := unfrozen_blocks_at(spec.method, step, len(blocks))) > unfrozen:
+            unfrozen = unfreeze_top_blocks(blocks, due)
             strategy.trainable_changed()
             log_stage(log, step, unfrozen, len(blocks), model)
         loss_sum = torch.zeros((), device=device)
@@ -245,12 +253,6 @@ def install_stop_signals() -> Callable[[], bool]:
         return bool(flag.item())
 
     return stop_requested
-
-
-def unfreeze_top_blocks(blocks: list[torch.nn.Module], count: int) -> int:
-    for block in blocks[len(blocks) - count :]:
-        block.requires_grad_(True)
-    return count
 
 
 def log_stage(log: MetricsLog, step: int, unfrozen: int, total: int, model: torch.nn.Module) -> None:

@@ -21,7 +21,7 @@ _ASYNC_GROUP: dist.ProcessGroup | None = None
 WRITER_THREADS = 2
 
 
-def _options(trainable_only: bool) -> StateDictOptions:
+def state_dict_options(trainable_only: bool) -> StateDictOptions:
     # PEFT methods save only what trains (adapters, prompt, new head): the frozen base is rebuilt from
     # its source on resume, and 4-bit base weights are not plain tensors DCP could store.
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
@@ -33,7 +33,7 @@ def save_model_and_optimizer(
     """Write model + optimizer under `path`. With `background`, this rank's share of the state is first
     copied to CPU memory (training may then change it) and written by a thread; the returned future
     completes when done."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(trainable_only))
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(trainable_only))
     state = {"model": model_sd, "optim": optim_sd}
     if background:
         # Only where it pays (bench/checkpoint.py, 4.2 GB on 2 ranks): a background save then blocks
@@ -151,7 +151,7 @@ def _writer(path: Path) -> dcp.FileSystemWriter:
 def load_model_and_optimizer(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, trainable_only: bool = False
 ) -> None:
-    options = _options(trainable_only)
+    options = state_dict_options(trainable_only)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
