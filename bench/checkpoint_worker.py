@@ -49,7 +49,12 @@ def main() -> None:
             start = time.perf_counter()
             background.save(step, {"step": step})
             result[f"async_block_s_{step}"] = time.perf_counter() - start  # what the training loop waits for
-            background.finish()
+            while background.in_flight:  # as the training loop does, once per step
+                time.sleep(0.1)
+                poll_start = time.perf_counter()
+                background.poll()
+                # the poll that publishes it (manifest, rename, `latest`, pruning) blocks training too
+                result[f"async_publish_s_{step}"] = time.perf_counter() - poll_start
             result[f"async_total_s_{step}"] = time.perf_counter() - start
     else:
         ckpt = find_resume_checkpoint(spec.output_dir, spec_fingerprint(spec), fallback=False)

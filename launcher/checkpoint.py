@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from launcher.errors import FTLError
@@ -23,6 +25,7 @@ from strategies.base import Strategy
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
+DELETING = ".deleting"
 DCP_STRATEGIES = ("ddp", "fsdp2", "fsdp2_offload")
 
 
@@ -48,13 +51,31 @@ class Checkpoint:
 class Checkpointer:
     """Saves this run's checkpoints. Every rank writes into `step-N.tmp/`; once all are done, rank 0
     writes the manifest, renames the dir to `step-N/`, replaces `latest` and prunes to the last K.
-    With `background`, the tensors are written by DCP's async writer while training goes on, and the
-    rename happens at the next save or at `finish()`: at most one save is in flight."""
+    With `background`, the tensors are written by DCP's async writer while training goes on; `poll()`,
+    called every step, publishes the checkpoint (manifest, rename, `latest`) as soon as every rank's
+    writes are done, and a new save first completes the one in flight: at most one is in flight."""
 
     def __init__(self, run_dir: Path, strategy: Strategy, env: RankEnv, keep: int, spec_hash: str, background: bool) -> None:
         self.root = checkpoint_root(run_dir)
         self.strategy, self.env, self.keep, self.spec_hash, self.background = strategy, env, keep, spec_hash, background
         self._pending: tuple[int, Path, Future | None] | None = None
+        # Ranks agree that their writes are done on a CPU group of their own: no device sync, and never
+        # interleaved with the training loop's collectives (collective: every rank builds a Checkpointer).
+        self._control = dist.new_group(backend="gloo") if background else None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._pending is not None
+
+    def poll(self) -> None:
+        """Publish the background save in flight once every rank has written its part (collective;
+        a tiny all-reduce per step while a save is in flight, nothing otherwise)."""
+        if self._pending is None or self._pending[2] is None:
+            return
+        done = torch.tensor([int(self._pending[2].done())])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._control)
+        if done.item():
+            self.finish()
 
     def save(self, step: int, trainer_state: dict, wait: bool = False) -> Path:
         self.finish()
@@ -102,8 +123,10 @@ class Checkpointer:
 
 
 def clean_stale_tmp(run_dir: Path) -> list[Path]:
-    """Remove half-written `step-N.tmp/` dirs left by a job killed during a save (rank 0, before training)."""
-    stale = sorted(checkpoint_root(run_dir).glob("step-*.tmp"))
+    """Remove half-written `step-N.tmp/` dirs left by a job killed during a save, and half-deleted
+    `step-N.deleting/` ones left by a job killed while pruning (rank 0, before training)."""
+    root = checkpoint_root(run_dir)
+    stale = sorted([*root.glob("step-*.tmp"), *root.glob(f"step-*{DELETING}")])
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -118,7 +141,7 @@ def find_resume_checkpoint(run_dir: Path, spec_hash: str, fallback: bool) -> Che
         return None
     candidates = [root / pointer.read_text().strip()]
     if fallback:
-        candidates += sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of, reverse=True)
+        candidates += reversed(_complete(root))
     problems = []
     for path in dict.fromkeys(candidates):
         problem = verify(path)
@@ -156,11 +179,21 @@ def verify(path: Path) -> str:
 
 
 def _prune(root: Path, keep: int) -> None:
+    """Drop all but the last `keep` checkpoints, never the one `latest` names. Each is renamed out of
+    the way (atomic, instant), then deleted by a thread: removing a multi-GB checkpoint took 0.7 s
+    (bench/checkpoint.py) that the training loop would otherwise wait for. A job killed meanwhile leaves
+    `step-N.deleting/`, removed at the next start."""
     latest = (root / LATEST).read_text().strip()
-    done = sorted((p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of)
-    for old in done[:-keep]:
+    for old in _complete(root)[:-keep]:
         if old.name != latest:
-            shutil.rmtree(old)
+            doomed = old.with_name(old.name + DELETING)
+            os.rename(old, doomed)
+            threading.Thread(target=shutil.rmtree, args=(doomed,), kwargs={"ignore_errors": True}, name="ftl-prune").start()
+
+
+def _complete(root: Path) -> list[Path]:
+    """The finished checkpoints under `root`, oldest first."""
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and p.name.removeprefix("step-").isdigit()), key=_step_of)
 
 
 def _step_of(path: Path) -> int:

@@ -158,6 +158,7 @@ def train(spec: JobSpec) -> None:
         grad_norm = strategy.step(spec.train.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        checkpointer.poll()
         window_steps += 1
 
         if step % spec.train.log_every == 0 or step == start_step + 1 or step == last:

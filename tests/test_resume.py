@@ -118,9 +118,11 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     proc.wait(timeout=30)
     assert (root / "latest").read_text().strip() == "step-4"
     assert (root / "step-4" / "manifest.json").is_file() and (root / "step-8.tmp").is_dir()
+    (root / "step-0.deleting").mkdir()  # as a job killed while pruning leaves it
+    (root / "step-0.deleting" / "__0_0.distcp").write_bytes(b"x" * 100)
     rerun = ftl_ok("run", str(spec))
     assert "resumed from" in rerun.stdout and "step-4" in rerun.stdout
-    assert not list(root.glob("*.tmp"))  # the half-written save was cleaned up
+    assert not list(root.glob("*.tmp")) and not list(root.glob("*.deleting"))  # both were cleaned up
     assert losses(tmp_path / "midsave")[STEPS] > 0
 
 
@@ -181,3 +183,21 @@ def test_async_save_resumes_bitwise(tmp_path):
     assert (root / "latest").read_text().strip() == "step-10" and (root / "step-8" / "manifest.json").is_file()
     ftl_ok("run", str(paused), "checkpoint.async_save=true")
     assert losses(tmp_path / "async") == losses(tmp_path / "straight")
+
+
+def test_async_save_is_published_while_training_goes_on(tmp_path):
+    """A background save becomes `latest` as soon as it is written, not at the next save: a job killed
+    between two saves resumes from the last one."""
+    spec = job(tmp_path, "published", max_steps=4000, log_every=10)
+    args = ("checkpoint.async_save=true", "checkpoint.every=200")
+    proc = _start("run", str(spec), *args)
+    root = tmp_path / "published" / "checkpoints"
+    _wait_for(lambda: (root / "latest").exists())
+    metrics = (tmp_path / "published" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    logged = max(json.loads(l)["step"] for l in metrics if l.endswith("\n") and '"loss"' in l)
+    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        process.kill()  # the whole tree at once (torchrun's workers have sessions of their own)
+    proc.wait(timeout=30)
+    assert (root / "latest").read_text().strip() == "step-200" and logged < 400
+    rerun = ftl_ok("run", str(spec), *args, "train.max_steps=210")
+    assert f"resumed from {root / 'step-200'}" in rerun.stdout

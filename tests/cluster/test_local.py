@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import signal
 import subprocess
 import sys
@@ -9,8 +10,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from cluster.local import torchrun_argv
+import pytest
+
+from cluster.local import job_env, torchrun_argv
 from tests.conftest import REPO
+
+LD_SO = "/lib64/ld-linux-x86-64.so.2"
 
 
 def test_single_node_command_is_standalone():
@@ -52,3 +57,18 @@ def test_sigterm_reaches_the_job():
     start = time.monotonic()
     assert proc.wait(timeout=30) == 7
     assert time.monotonic() - start < 10
+
+
+def test_cpu_ranks_get_the_copy_tunable_without_losing_the_users():
+    assert job_env("cuda", {"PATH": "/bin"}) == {"PATH": "/bin"}
+    env = job_env("cpu", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.cpu.x86_non_temporal_threshold=0x100000"
+    assert env["DS_ACCELERATOR"] == "cpu"
+    own = "glibc.cpu.x86_non_temporal_threshold=0x400000"
+    assert job_env("cpu", {"GLIBC_TUNABLES": own})["GLIBC_TUNABLES"] == own
+
+
+@pytest.mark.skipif(not Path(LD_SO).exists() or platform.machine() != "x86_64", reason="needs x86-64 glibc's loader")
+def test_the_tunable_reaches_glibc():
+    listed = subprocess.run([LD_SO, "--list-tunables"], env=job_env("cpu", {}), capture_output=True, text=True, check=True).stdout
+    assert "glibc.cpu.x86_non_temporal_threshold: 0x100000 " in listed
