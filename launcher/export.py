@@ -25,7 +25,7 @@ from launcher.errors import FTLError
 from launcher.modeling import auto_class, build_model, task_config
 from launcher.spec import JobSpec, MethodSpec, load_spec
 from launcher.train_state import spec_fingerprint
-from strategies.dcp_state import state_dict_options
+from strategies.dcp_state import SafeFileSystemReader, state_dict_options
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
@@ -92,12 +92,15 @@ def load_trained_model(spec: JobSpec, ckpt_path: Path, strategy: str, label_name
     if strategy in DCP_STRATEGIES:
         options = state_dict_options(trainable_only)
         state = {"model": get_model_state_dict(model, options=options)}
-        dcp.load(state, checkpoint_id=str(ckpt_path), planner=dcp.default_planner.DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt_path)), planner=dcp.default_planner.DefaultLoadPlanner(allow_partial_load=True))
         set_model_state_dict(model, state["model"], options=options)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path), tag="deepspeed", exclude_frozen_parameters=trainable_only)
+        from strategies.deepspeed import weights_only_loads
+
+        with weights_only_loads(ckpt_path):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_path), tag="deepspeed", exclude_frozen_parameters=trainable_only)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or (missing and not trainable_only):
             raise FTLError(f"The DeepSpeed checkpoint {ckpt_path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.")

@@ -302,7 +302,7 @@ class CheckpointSpec(_Section):
     """Complete checkpoints to keep; older ones are deleted, never the one `latest` points to."""
     async_save: bool = False
     """Write checkpoints in the background (DCP async: a copy to CPU memory, then a writer thread) while
-    training goes on; at most one save in flight. It becomes `latest` once complete, at the next save or the end."""
+    training goes on; at most one save in flight. It becomes `latest` as soon as every rank has written it."""
     on_corrupt: Literal["error", "previous"] = "error"
     """When the checkpoint `latest` points to is damaged: stop with an error, or resume from the newest complete one."""
 

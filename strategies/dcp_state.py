@@ -7,14 +7,19 @@ and DCP reshards on load, so a checkpoint saved on N ranks loads on M ranks and 
 from __future__ import annotations
 
 import ctypes
+import importlib
+import pickle
 from concurrent.futures import Future
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+from launcher.errors import FTLError
 
 
 _ASYNC_GROUP: dist.ProcessGroup | None = None
@@ -155,11 +160,64 @@ def _writer(path: Path) -> dcp.FileSystemWriter:
     return dcp.FileSystemWriter(str(path), thread_count=WRITER_THREADS)
 
 
+# What DCP's `.metadata` file may name: the classes of DCP's own metadata, tensor sizes, dtypes and
+# layouts, and the path it was saved under.
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Loads DCP's `.metadata`, which DCP writes and reads as a plain pickle: any global outside the
+    list above is refused, so a crafted checkpoint cannot run code on load (Python's documented
+    "restricting globals" recipe; DCP has no safe reader of its own)."""
+
+    def __init__(self, file, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        found = super().find_class(module, name) if _allowed(module, name) else None
+        if found is None:
+            raise FTLError(
+                f"{self.source} asks to load `{module}.{name}`, which a DCP checkpoint's metadata never holds: FTL "
+                "refuses to unpickle it. The file was not written by DCP or was tampered with; resume from another "
+                "checkpoint (`checkpoint.on_corrupt=previous`) or `--no-resume`."
+            )
+        return found
+
+
+def _allowed(module: str, name: str) -> bool:
+    if (module, name) in _METADATA_GLOBALS:
+        return True
+    if module == "torch":
+        return isinstance(getattr(torch, name, None), torch.dtype)
+    if module in _METADATA_MODULES:
+        value = getattr(importlib.import_module(module), name, None)
+        return isinstance(value, type) and value.__module__ == module
+    return False
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata read through `_MetadataUnpickler`; tensors are read by DCP
+    with `torch.load(weights_only=True)` already."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = _MetadataUnpickler(stream, str(path)).load()
+        if not isinstance(metadata, Metadata):
+            raise FTLError(f"{path} does not hold DCP checkpoint metadata; resume from another checkpoint or `--no-resume`.")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load_model_and_optimizer(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, trainable_only: bool = False
 ) -> None:
     options = state_dict_options(trainable_only)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)

@@ -4,7 +4,12 @@ run dir as deepspeed.json). Checkpoints use DeepSpeed's own `save_checkpoint`/`l
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+import importlib
+import os
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -25,6 +30,46 @@ def import_deepspeed():
             ".[deepspeed]`, or force a native strategy: `strategy=fsdp2` (sharded) or `strategy=ddp`."
         ) from None
     return deepspeed
+
+
+# The DeepSpeed classes its ZeRO checkpoint files hold besides tensors and plain containers.
+_CHECKPOINT_CLASSES = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+@contextmanager
+def weights_only_loads(path: Path) -> Iterator[None]:
+    """Make DeepSpeed's reads of a checkpoint under `path` safe. DeepSpeed calls
+    `torch.load(weights_only=False)`, plain unpickling, in its engine and in zero_to_fp32, with no way to
+    ask otherwise; torch forces its weights-only unpickler when TORCH_FORCE_WEIGHTS_ONLY_LOAD is set
+    (read at each call), and the few DeepSpeed classes above are allowed by name."""
+    import_deepspeed()
+    allowed = [getattr(importlib.import_module(module), name) for module, name in _CHECKPOINT_CLASSES]
+    previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as error:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(error))
+        what = f"`{found.group(1)}`" if found else "something other than tensors and DeepSpeed's own checkpoint classes"
+        raise FTLError(
+            f"A DeepSpeed file under {path} asks to load {what}, so FTL refuses to unpickle it. The checkpoint was not "
+            "written by this FTL/DeepSpeed or was tampered with; resume from another one (`checkpoint.on_corrupt=previous`) "
+            "or `--no-resume`."
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 class DeepSpeedStrategy:
@@ -66,9 +111,10 @@ class DeepSpeedStrategy:
         )
 
     def load(self, path: Path) -> None:
-        self.engine.load_checkpoint(
-            str(path), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not self.trainable_only
-        )
+        with weights_only_loads(path):
+            self.engine.load_checkpoint(
+                str(path), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not self.trainable_only
+            )
 
     def trainable_changed(self) -> None:
         raise FTLError("ZeRO fixes the trained parameters when it wraps the model; gradual unfreezing needs ddp.")

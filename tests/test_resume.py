@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from tests.conftest import FTL, REPO, run_ftl, tiny_spec, write_spec
 
@@ -164,6 +166,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
 
 
 def test_checkpoints_hold_no_pickles(tmp_path):
+    """FTL's own files are JSON; DCP's are tensors and `.metadata` (read with an allowlist, tested below)."""
     spec = job(tmp_path, "nopickle")
     ftl_ok("run", str(spec), "train.stop_at=4")
     for file in (tmp_path / "nopickle" / "checkpoints" / "step-4").iterdir():
@@ -201,3 +204,36 @@ def test_async_save_is_published_while_training_goes_on(tmp_path):
     assert (root / "latest").read_text().strip() == "step-200" and logged < 400
     rerun = ftl_ok("run", str(spec), *args, "train.max_steps=210")
     assert f"resumed from {root / 'step-200'}" in rerun.stdout
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    "strategy, name, dump",
+    [("ddp", ".metadata", pickle.dumps), ("zero2", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", None)],
+    ids=["dcp-metadata", "deepspeed-optim"],
+)
+def test_crafted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path, strategy, name, dump):
+    """DCP reads `.metadata`, and DeepSpeed its .pt files, with plain unpickling; FTL reads both allowing
+    only their own classes, so a crafted checkpoint cannot run code on resume."""
+    spec = job(tmp_path, "crafted")
+    ftl_ok("run", str(spec), f"strategy={strategy}", "train.stop_at=4")
+    ckpt = tmp_path / "crafted" / "checkpoints" / "step-4"
+    marker = tmp_path / "pwned"
+    if dump is None:
+        torch.save({"optimizer_state_dict": _Payload(marker)}, ckpt / name)
+    else:
+        (ckpt / name).write_bytes(dump(_Payload(marker)))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][name] = (ckpt / name).stat().st_size  # as a careful attacker would
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    result = run_ftl("run", str(spec), f"strategy={strategy}", timeout=300)
+    assert result.returncode != 0 and not marker.exists()
+    output = result.stdout + result.stderr
+    assert "refuses to unpickle" in output and "posix.system" in output and str(ckpt) in output
