@@ -176,14 +176,13 @@ class _MetadataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
-        found = super().find_class(module, name) if _allowed(module, name) else None
-        if found is None:
+        if not _allowed(module, name):
             raise FTLError(
                 f"{self.source} asks to load `{module}.{name}`, which a DCP checkpoint's metadata never holds: FTL "
                 "refuses to unpickle it. The file was not written by DCP or was tampered with; resume from another "
                 "checkpoint (`checkpoint.on_corrupt=previous`) or `--no-resume`."
             )
-        return found
+        return super().find_class(module, name)
 
 
 def _allowed(module: str, name: str) -> bool:

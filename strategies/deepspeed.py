@@ -39,6 +39,7 @@ _CHECKPOINT_CLASSES = (
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
     ("deepspeed.utils.tensor_fragment", "fragment_address"),
 )
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 @contextmanager
@@ -67,9 +68,6 @@ def weights_only_loads(path: Path) -> Iterator[None]:
             os.environ.pop(FORCE_WEIGHTS_ONLY, None)
         else:
             os.environ[FORCE_WEIGHTS_ONLY] = previous
-
-
-FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 class DeepSpeedStrategy:
