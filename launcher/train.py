@@ -181,8 +181,7 @@ def train(spec: JobSpec) -> None:
             )
             window_start, window_steps = now, 0
         if stop_requested():
-            checkpointer.finish()
-            save(step)
+            save(step)  # completes a background save in flight first
             log.log({"step": step, "event": "preempted", "detail": "signal received; checkpoint saved, rerun to resume"})
             log.close()
             return
