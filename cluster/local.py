@@ -1,26 +1,34 @@
 """Run a job on this machine through torchrun (`torch.distributed.run`), forwarding signals.
 
 `torchrun_argv` only renders the command (pure; shown by `ftl plan`); `run_local` executes it.
+
+Signals: torchrun forwards to its workers only the signals named in `--signals-to-handle` (default
+SIGTERM, SIGINT, SIGHUP, SIGQUIT); any other one it does not handle kills torchrun itself and leaves
+the ranks running as orphans. FTL passes its documented stop signals (launcher/stop.py) and a
+shutdown timeout long enough for the ranks to write their checkpoint before torchrun SIGKILLs them.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-# Signals a user or scheduler sends to `ftl run` that must reach the ranks (through torchrun, which
-# forwards them to its workers): Ctrl-C, kill, and Slurm's pre-emption warning.
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+from launcher.stop import STOP_SIGNALS, signal_when_parent_dies
+
+# torchrun's own default; FTL's stop signals must be handled too. SIGQUIT stays with torchrun's meaning.
+TORCHRUN_SIGNALS = ",".join(s.name for s in (*STOP_SIGNALS, signal.SIGQUIT))
 
 
 def torchrun_argv(
-    spec_path: Path,
+    run_dir: Path,
     nproc_per_node: int,
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
     run_id: str = "ftl",
+    shutdown_timeout_s: int = 120,
     python: str = sys.executable,
 ) -> list[str]:
     """The exact command `ftl run` executes. One node: `--standalone` (torchrun picks a free port).
@@ -31,7 +39,8 @@ def torchrun_argv(
     else:
         endpoint = rdzv_endpoint or "$MASTER_ADDR:29500"
         argv += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
-    argv += ["--max-restarts", "0", "-m", "launcher.train", "--spec", str(spec_path)]
+    argv += ["--signals-to-handle", TORCHRUN_SIGNALS, "--shutdown-timeout", str(shutdown_timeout_s)]
+    argv += ["--max-restarts", "0", "-m", "launcher.train", "--run-dir", str(run_dir)]
     return argv
 
 
@@ -62,18 +71,60 @@ def with_tunable(tunables: str, name: str, value: str) -> str:
     return ":".join([*entries, f"{name}={value}"])
 
 
+# What `ftl run` passes on to the job: the stop signals (torchrun handles them, see above).
+FORWARDED_SIGNALS = STOP_SIGNALS
+
+
 def run_local(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
-    """Run `argv`, forward the signals above to it, and return its exit code (128+N if killed by N)."""
-    child = subprocess.Popen(argv, env=env, cwd=cwd)
+    """Run `argv` (torchrun), pass the first stop signal on to it, and return its exit code (128+N if
+    killed by N).
+
+    Only the first: torchrun answers each stop signal by shutting its workers down again, and a third
+    one escapes its wait for them, leaving ranks mid-save (torch.distributed.elastic.agent.server.api).
+    Slurm sends USR2 and then SIGTERM to every process of a step, and an impatient Ctrl-C repeats.
+    A signal this process ignores (SIGHUP under nohup) stays ignored. The child gets a session of its
+    own, so a terminal's Ctrl-C reaches it once (through this process); and it is told to receive
+    SIGTERM if this process dies, so even `kill -9` of `ftl run` ends in a checkpoint rather than an
+    orphaned job. SIGUSR1 (print every thread's stack) goes to the ranks, never to torchrun, which
+    SIGUSR1 would kill."""
+    started: list[subprocess.Popen] = []
+    pending: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        if child.poll() is None:
-            child.send_signal(signum)
+        if pending:
+            print(f"ftl: {signal.Signals(signum).name} ignored: the job is already stopping (checkpoint in progress)", file=sys.stderr)
+            return
+        pending.append(signum)
+        if started and started[0].poll() is None:
+            started[0].send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    def stacks(_signum: int, _frame: object) -> None:
+        for pid in children_of(started[0].pid) if started else []:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, stacks)
     try:
+        child = subprocess.Popen(argv, env=env, cwd=cwd, start_new_session=True, preexec_fn=signal_when_parent_dies)
+        started.append(child)
+        if pending:  # a stop asked for while the child was being started
+            child.send_signal(pending[0])
         code = child.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 128 - code if code < 0 else code
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (Linux); [] elsewhere."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found

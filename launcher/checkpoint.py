@@ -11,10 +11,10 @@ import json
 import os
 import shutil
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,6 @@ from strategies.base import Strategy
 LATEST = "latest"
 MANIFEST = "manifest.json"
 DELETING = ".deleting"
-DCP_STRATEGIES = ("ddp", "fsdp2", "fsdp2_offload")
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -55,13 +54,31 @@ class Checkpointer:
     called every step, publishes the checkpoint (manifest, rename, `latest`) as soon as every rank's
     writes are done, and a new save first completes the one in flight: at most one is in flight."""
 
-    def __init__(self, run_dir: Path, strategy: Strategy, env: RankEnv, keep: int, spec_hash: str, background: bool) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        strategy: Strategy,
+        env: RankEnv,
+        keep: int,
+        spec_hash: str,
+        background: bool,
+        control: dist.ProcessGroup | None = None,
+        every: int = 0,
+        before_publish: Callable[[Path], None] | None = None,
+    ) -> None:
+        """`control`: a CPU (gloo) group on which ranks agree that their background writes are done (no
+        device sync); the default group if None. `every`: the save cadence in steps (0: only at the end).
+        `before_publish`: called with the `.tmp` dir before it is renamed (a host may time or delay it)."""
         self.root = checkpoint_root(run_dir)
         self.strategy, self.env, self.keep, self.spec_hash, self.background = strategy, env, keep, spec_hash, background
+        self.every = every
         self._pending: tuple[int, Path, Future | None] | None = None
-        # Ranks agree that their writes are done on a CPU group of their own: no device sync, and never
-        # interleaved with the training loop's collectives (collective: every rank builds a Checkpointer).
-        self._control = dist.new_group(backend="gloo") if background else None
+        self._control = control
+        self._before_publish = before_publish
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        """A periodic save; the last step's save is the loop's own (it decides how the run ends)."""
+        return bool(self.every) and step % self.every == 0 and step != last_step
 
     @property
     def in_flight(self) -> bool:
@@ -83,7 +100,7 @@ class Checkpointer:
         if self.env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        dist.barrier()
+        dist.barrier(group=self._control)
         future = self.strategy.save(tmp, background=self.background and not wait)
         _write_json(tmp / f"trainer_state.rank{self.env.rank}.json", trainer_state)
         self._pending = (step, tmp, future)
@@ -99,8 +116,9 @@ class Checkpointer:
         self._pending = None
         if future is not None:
             future.result()
-        _test_hook_slow_save()
-        dist.barrier()
+        if self._before_publish is not None:
+            self._before_publish(tmp)
+        dist.barrier(group=self._control)
         final = self.root / f"step-{step}"
         if self.env.is_main:
             manifest = {
@@ -118,7 +136,7 @@ class Checkpointer:
             _fsync_dir(self.root)
             _write_text_atomic(self.root / LATEST, final.name)
             _prune(self.root, self.keep)
-        dist.barrier()
+        dist.barrier(group=self._control)
         return final
 
 
@@ -198,13 +216,6 @@ def _complete(root: Path) -> list[Path]:
 
 def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
-
-
-def _test_hook_slow_save() -> None:
-    """Tests kill a job mid-save; this widens the window (FTL_TEST_SLOW_SAVE_S seconds before the rename)."""
-    delay = float(os.environ.get("FTL_TEST_SLOW_SAVE_S", "0"))
-    if delay:
-        time.sleep(delay)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -15,8 +14,9 @@ from rich.table import Table
 
 from launcher.errors import FTLError
 from launcher.memory import MemoryBreakdown
-from launcher.planner import AUTO_ORDER, HEADROOM, Plan, estimate, plan, request_from_spec
+from launcher.planner import HEADROOM, Plan, estimate, plan, request_from_spec
 from launcher.spec import JobSpec, load_spec
+from strategies.catalog import AUTO_ORDER
 
 console = Console(highlight=False, soft_wrap=True)  # no hard wraps: logs and paths stay greppable
 
@@ -96,51 +96,67 @@ def resolve_device(spec: JobSpec) -> str:
 
 
 def make_job_plan(spec: JobSpec) -> Plan:
+    """The plan, made once, here, for the hardware in the spec; ranks run exactly it (launcher/job.py). A
+    forced strategy the method cannot run with is refused here, before anything is written."""
+    from launcher.methods import check_supported
     from launcher.model_info import model_shape
     from launcher.modeling import count_trainable
 
-    return plan(request_from_spec(spec, model_shape(spec.model), resolve_device(spec), count_trainable(spec)))
+    device = resolve_device(spec)
+    job_plan = plan(request_from_spec(spec, model_shape(spec.model), device, count_trainable(spec)))
+    if spec.strategy != "auto":
+        check_supported(spec.method.name, spec.strategy, device)
+    return job_plan
 
 
-def job_command(spec: JobSpec, rdzv_endpoint: str | None = None) -> list[str]:
+def job_command(spec: JobSpec, job_plan: Plan, rdzv_endpoint: str | None = None) -> list[str]:
     from cluster.local import torchrun_argv
 
     return torchrun_argv(
-        spec.output_dir / "spec.yaml",
+        spec.output_dir,
         nproc_per_node=spec.hardware.gpus_per_node,
         nnodes=spec.hardware.nodes,
         rdzv_endpoint=rdzv_endpoint,
         run_id=spec.output_dir.name,
+        shutdown_timeout_s=job_plan.save_grace_s,
     )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_job(args)
     job_plan = make_job_plan(spec)
-    command = job_command(spec)
+    command = job_command(spec, job_plan)
     ds_config = deepspeed_json(spec, job_plan)
     measured = measure_plan(spec, job_plan) if args.measure else None
     if args.json:
         extra = {"deepspeed_config": ds_config} if ds_config else {}
         if measured is not None:
-            extra["measured_peak_bytes"] = measured
+            extra["measured_peak_bytes"] = measured.peak
+            extra["measured_trainable_state_bytes"] = measured.trainable_state
         print(json.dumps({**job_plan.to_dict(), "command": command, **extra}, indent=2))
     else:
         print_plan(job_plan, command, ds_config)
         if measured is not None:
             predicted = job_plan.per_rank.total - job_plan.per_rank.overhead
+            how = "a real step" if spec.method.name == "qlora" else "one traced step"
             console.print(
-                f"[bold]measured[/] one traced step of {job_plan.strategy} at world size {job_plan.request.world_size}: "
-                f"peak {_gib(measured)} of tensors vs predicted {_gib(predicted)} (ratio {predicted / measured:.3f}; "
-                "the fixed overhead is not a tensor and is left out of both)"
+                f"[bold]measured[/] {how} of {job_plan.strategy} with method {spec.method.name} at world size "
+                f"{job_plan.request.world_size}: peak {_gib(measured.peak)} of tensors vs predicted {_gib(predicted)} "
+                f"(ratio {predicted / measured.peak:.3f}; the fixed overhead is not a tensor and is left out of both); "
+                f"trainable parameters + optimizer states {_gib(measured.trainable_state)}"
             )
     return 0 if job_plan.fits else 2
 
 
-def measure_plan(spec: JobSpec, job_plan: Plan) -> int:
-    """Peak tensor bytes of one rank, from the plan's step traced under FakeTensorMode."""
-    from launcher.measure import MEASURABLE, StepSetup, measure_step
+def measure_plan(spec: JobSpec, job_plan: Plan):
+    """Peak tensor bytes of one rank, from the plan's step (its strategy, method and model, built by the
+    code `ftl run` uses) traced under FakeTensorMode; QLoRA's 4-bit kernels have no fake-tensor rules, so
+    its step runs for real, in this process."""
+    import torch
+
+    from launcher.measure import CAUSAL_ONLY, MEASURABLE, StepSetup, measure_step
     from launcher.model_info import build_config
+    from launcher.modeling import build_model
 
     strategy = "fsdp2" if job_plan.strategy == "zero3" else job_plan.strategy
     if strategy not in MEASURABLE:
@@ -149,23 +165,42 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> int:
             "inside DeepSpeed and cannot be traced with fake tensors. Force `strategy=fsdp2` to measure the sharded "
             "equivalent."
         )
+    if spec.task.name != "causal_lm":
+        raise FTLError("`--measure` traces causal-LM steps; this job's `task` is classification. Plan it without --measure.")
+    quantized = spec.method.name == "qlora"
+    if quantized and strategy != "ddp":
+        raise FTLError(
+            f"`--measure` runs QLoRA's step for real (bitsandbytes' 4-bit kernels cannot be traced with fake tensors), "
+            f"in one process, which measures a DDP rank only; the plan chose {job_plan.strategy}. Force `strategy=ddp` "
+            "to measure the step, or plan without --measure."
+        )
     r = job_plan.request
+
+    def build() -> torch.nn.Module:
+        return build_model(
+            spec, meta=not quantized, device=torch.device("cpu"), strategy=job_plan.strategy, attn_implementation=CAUSAL_ONLY
+        )
+
     setup = StepSetup(
         config=build_config(spec.model),
         strategy=strategy,
-        world_size=r.world_size,
+        # A DDP rank's memory does not depend on the world size: the real QLoRA step runs as one rank.
+        world_size=1 if quantized else r.world_size,
         micro_batch_size=r.micro_batch_size,
         seq_len=r.seq_len,
         precision=r.precision,
         activation_checkpointing=r.activation_checkpointing,
+        quantized=quantized,
+        fake=not quantized,
+        build=build,
     )
-    return measure_step(setup).peak
+    return measure_step(setup)
 
 
 def deepspeed_json(spec: JobSpec, job_plan: Plan) -> dict | None:
-    from strategies.deepspeed_config import DEEPSPEED_STRATEGIES, deepspeed_config
+    from launcher.job import deepspeed_json as render
 
-    return deepspeed_config(job_plan, spec.train) if job_plan.strategy in DEEPSPEED_STRATEGIES else None
+    return render(spec, job_plan)
 
 
 def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None) -> None:
@@ -210,32 +245,60 @@ def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cluster.local import job_env, run_local
+    from launcher.job import prepare_run_dir
 
     spec = load_job(args)
+    device = resolve_device(spec)
+    _check_devices(spec, device)
+    job_plan = preflight(spec, args.rdzv_endpoint)
+    command = job_command(spec, job_plan, args.rdzv_endpoint)
+    if args.dry_run:
+        print_plan(job_plan, command, deepspeed_json(spec, job_plan))
+        return 0
+    prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
+    console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
+    console.print("[dim]" + escape(" ".join(command)) + "[/]")
+    code = run_local(command, env=job_env(device, dict(os.environ)))
+    return exit_code_of(code, spec.output_dir)
+
+
+def preflight(spec: JobSpec, rdzv_endpoint: str | None = None) -> Plan:
+    """Every check `ftl run` makes before it writes anything or starts a rank (bar the GPUs being present,
+    which only the machine that runs the job can tell): the plan, the method x strategy table, the fit,
+    the strategy's library."""
+    from strategies.registry import check_available
+
     job_plan = make_job_plan(spec)
     if not job_plan.fits and spec.strategy == "auto":
-        print_plan(job_plan, job_command(spec, args.rdzv_endpoint))
+        print_plan(job_plan, job_command(spec, job_plan, rdzv_endpoint))
         raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
     for warning in job_plan.warnings:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}")
-    if spec.hardware.nodes > 1 and not args.rdzv_endpoint:
+    if spec.hardware.nodes > 1 and not rdzv_endpoint:
         raise FTLError(
             f"`hardware.nodes` is {spec.hardware.nodes}: `ftl run` runs one machine. Run the same command on each "
             "node with `--rdzv-endpoint HOST:PORT` (HOST is the first node), or use `ftl submit --to slurm`."
         )
-    device = resolve_device(spec)
-    _check_devices(spec, device)
-    from strategies import check_available
-
     check_available(job_plan.strategy)
-    command = job_command(spec, args.rdzv_endpoint)
-    if args.dry_run:
-        print_plan(job_plan, command, deepspeed_json(spec, job_plan))
-        return 0
-    prepare_run_dir(spec, job_plan, fresh=args.no_resume)
-    console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
-    console.print("[dim]" + escape(" ".join(command)) + "[/]")
-    return run_local(command, env=job_env(device, dict(os.environ)))
+    return job_plan
+
+
+def exit_code_of(torchrun_code: int, run_dir: Path) -> int:
+    """`ftl run`'s exit code: torchrun reports any non-zero worker exit (the pre-emption code included)
+    as its own 1, so the outcome rank 0 wrote (launcher/outcome.py) says whether the job was pre-empted
+    with its checkpoint saved (EXIT_PREEMPTED: requeue me) or failed."""
+    from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, Outcome, read_outcome
+
+    result = read_outcome(run_dir)
+    if torchrun_code == 0 or result is None:
+        return torchrun_code
+    if result.outcome is Outcome.PREEMPTED:
+        console.print(f"[bold yellow]pre-empted[/] ({escape(result.detail)}): checkpoint {result.checkpoint}; rerun to resume (exit {EXIT_PREEMPTED})")
+        return EXIT_PREEMPTED
+    if result.outcome is Outcome.ERROR:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(result.detail)}")
+        return EXIT_USER_ERROR
+    return torchrun_code
 
 
 def _check_devices(spec: JobSpec, device: str) -> None:
@@ -243,41 +306,17 @@ def _check_devices(spec: JobSpec, device: str) -> None:
         return
     import torch
 
-    have = torch.cuda.device_count()
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if have == 0:
+        raise FTLError(
+            "`hardware.device` is cuda but this machine has no CUDA device. Run the job where its GPUs are, or run "
+            "it here on the CPU with `hardware.device=cpu`."
+        )
     if have < spec.hardware.gpus_per_node:
         raise FTLError(
             f"`hardware.gpus_per_node` is {spec.hardware.gpus_per_node} but this machine has {have} CUDA device(s). "
             f"Pass --gpus {have} or `hardware.device=cpu`."
         )
-
-
-def prepare_run_dir(spec: JobSpec, job_plan: Plan, fresh: bool) -> None:
-    """Write the resolved spec and the plan. A run dir with a checkpoint is resumed (after checking the
-    checkpoint fits this spec); with `fresh`, or when an earlier run left no checkpoint, its files are
-    set aside in previous-<time>/, never deleted."""
-    from launcher.checkpoint import find_resume_checkpoint
-    from launcher.train_state import spec_fingerprint
-
-    run_dir = spec.output_dir
-    resume = None
-    if not fresh:
-        resume = find_resume_checkpoint(run_dir, spec_fingerprint(spec), fallback=spec.checkpoint.on_corrupt == "previous")
-    if resume is not None:
-        console.print(f"resuming from {resume.path} (step {resume.step}); pass --no-resume to start over")
-    else:
-        earlier = [run_dir / name for name in ("checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
-        if earlier:
-            aside = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
-            aside.mkdir(parents=True)
-            for path in earlier:
-                path.rename(aside / path.name)
-            console.print(f"earlier run moved to {aside}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
-    (run_dir / "plan.json").write_text(json.dumps(job_plan.to_dict(), indent=2) + "\n")
-    ds_config = deepspeed_json(spec, job_plan)
-    if ds_config:
-        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

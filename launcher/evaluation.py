@@ -8,7 +8,6 @@ import torch.distributed as dist
 
 from launcher.data import Examples
 from launcher.methods import eval_mode
-from launcher.rank_env import RankEnv
 from launcher.spec import JobSpec
 from strategies.base import RankContext
 
@@ -39,15 +38,18 @@ class EarlyStopping:
 
 
 @torch.no_grad()
-def evaluate(spec: JobSpec, model: torch.nn.Module, examples: Examples, env: RankEnv, ctx: RankContext) -> dict[str, float]:
-    """Validation loss (and accuracy, macro-F1 for classification) over the whole validation file.
+def evaluate(
+    spec: JobSpec, model: torch.nn.Module, examples: Examples, ctx: RankContext, group: dist.ProcessGroup | None = None
+) -> dict[str, float]:
+    """Validation loss (and accuracy, macro-F1 for classification) over the whole validation file; the
+    sums are reduced as CPU tensors on `group` (the runtime's gloo control group).
 
     Every rank runs the same number of forwards (ranks with fewer examples repeat one with weight 0):
     DDP and FSDP2 forwards are collectives, and an uneven count would hang the job.
     """
     total = len(examples["input_ids"])
-    mine = list(range(env.rank, total, env.world_size))
-    per_rank = -(-total // env.world_size)
+    mine = list(range(ctx.rank, total, ctx.world_size))
+    per_rank = -(-total // ctx.world_size)
     mb = spec.train.micro_batch_size
     n_batches = -(-per_rank // mb)
     num_labels = spec.task.num_labels or 0
@@ -65,10 +67,10 @@ def evaluate(spec: JobSpec, model: torch.nn.Module, examples: Examples, env: Ran
                 pred = out.logits.argmax(-1).cpu()
                 for y, yhat in zip(batch["labels"].cpu().tolist(), pred.tolist()):
                     confusion[y, yhat] += 1
-    dist.all_reduce(sums)
+    dist.all_reduce(sums, group=group)
     metrics = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
     if num_labels:
-        dist.all_reduce(confusion)  # summed counts across ranks; torchmetrics would need the same
+        dist.all_reduce(confusion, group=group)  # summed counts across ranks; torchmetrics would need the same
         metrics.update(classification_metrics(confusion))
     return metrics
 

@@ -19,12 +19,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from launcher.checkpoint import DCP_STRATEGIES, find_resume_checkpoint
+from launcher.checkpoint import find_resume_checkpoint
 from launcher.data import build_tokenizer
 from launcher.errors import FTLError
 from launcher.modeling import auto_class, build_model, task_config
 from launcher.spec import JobSpec, MethodSpec, load_spec
 from launcher.train_state import spec_fingerprint
+from strategies.catalog import traits
 from strategies.dcp_state import SafeFileSystemReader, state_dict_options
 
 
@@ -89,7 +90,7 @@ def load_trained_model(spec: JobSpec, ckpt_path: Path, strategy: str, label_name
     torch.manual_seed(spec.train.seed)
     model = build_model(spec, label_names=label_names, pad_token_id=build_tokenizer(spec).pad_token_id)
     trainable_only = spec.method.is_peft
-    if strategy in DCP_STRATEGIES:
+    if traits(strategy).checkpoint_format == "dcp":
         options = state_dict_options(trainable_only)
         state = {"model": get_model_state_dict(model, options=options)}
         dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt_path)), planner=dcp.default_planner.DefaultLoadPlanner(allow_partial_load=True))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ class MeasuredMemory:
     temporaries: int
     other: int
     peak: int
+    trainable_state: int = 0  # this rank's trainable parameters + their optimizer states, after the steps
 
     @property
     def model_states(self) -> int:
@@ -96,14 +98,19 @@ class StepSetup:
     quantized: bool = False  # QLoRA: the block Linears in 4-bit NF4 (bitsandbytes; real steps only)
     fake: bool = True
     steps: int = 2
+    # The job's own model builder (launcher.modeling.build_model with the method applied): on the meta
+    # device for fake steps (materialised as fake tensors), real for real ones. When given, the traced
+    # model is the one `ftl run` trains, not one rebuilt here from `config`, `lora_rank`, `quantized`.
+    build: Callable[[], torch.nn.Module] | None = None
 
 
 def measure_step(setup: StepSetup) -> MeasuredMemory:
     """Peak memory of one rank over `setup.steps` training steps (the second step has optimizer states)."""
     if setup.strategy not in MEASURABLE:
         raise ValueError(f"cannot measure {setup.strategy!r}; measurable: {MEASURABLE}")
-    if setup.quantized and (setup.fake or not setup.lora_rank):
+    if setup.quantized and (setup.fake or not (setup.lora_rank or setup.build)):
         raise ValueError("4-bit models are measured in real steps (bitsandbytes kernels have no fake-tensor rules), with LoRA")
+    _register_causal_only_attention()
     with _process_group(setup):
         mesh = None
         if setup.strategy != "ddp":
@@ -111,20 +118,41 @@ def measure_step(setup: StepSetup) -> MeasuredMemory:
 
             mesh = init_device_mesh("cpu", (setup.world_size,))  # outside fake mode
         prebuilt = None
-        if setup.fake and setup.lora_rank:
+        if setup.build is not None:
+            with torch.device("meta") if setup.fake else contextlib.nullcontext():
+                prebuilt = setup.build()
+        elif setup.fake and setup.lora_rank:
             # PEFT moves adapters with Module.to(), which cannot swap fake tensors: build on the meta
             # device instead and materialise as fake tensors inside the mode.
             with torch.device("meta"):
                 prebuilt = _build_model(setup)
         with _fake_mode() if setup.fake else contextlib.nullcontext():
-            if prebuilt is not None:
-                prebuilt.to_empty(device="cpu")
+            if prebuilt is not None and setup.fake:
+                if setup.build is not None:
+                    _materialize(prebuilt)
+                else:
+                    prebuilt.to_empty(device="cpu")
             return _trace(setup, mesh, prebuilt or _build_model(setup))
+
+
+def _materialize(model: torch.nn.Module) -> None:
+    """Give every parameter and buffer of a meta-device model a (fake, inside the mode) CPU tensor, one
+    module slot at a time, keeping shared parameters shared. `Module.to_empty` cannot: it swaps tensors
+    in place, which PEFT's prompt-tuning wrapper (weak references to the embeddings) refuses."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in done:
+                    done[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=param.requires_grad)
+                module._parameters[name] = done[id(param)]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[name] = torch.empty_like(buf, device="cpu")
 
 
 def _build_model(setup: StepSetup) -> torch.nn.Module:
     torch.manual_seed(0)
-    _register_causal_only_attention()
     if setup.quantized:
         model = _load_nf4(setup)
     else:
@@ -176,7 +204,8 @@ def _trace(setup: StepSetup, mesh, model: torch.nn.Module) -> MeasuredMemory:
     bf16 = setup.precision == "bf16"
     if setup.strategy == "ddp":
         wrapped = model
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not setup.lora_rank)
+        # FTL's DDP runs autocast whatever the method; the LoRA model rebuilt here holds a bf16 base instead.
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and not (setup.lora_rank and setup.build is None))
     else:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -191,7 +220,7 @@ def _trace(setup: StepSetup, mesh, model: torch.nn.Module) -> MeasuredMemory:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
     batch = torch.randint(0, setup.config.vocab_size, (setup.micro_batch_size, setup.seq_len))
 
-    if setup.lora_rank:  # torch's trackers hook every parameter's gradient, which frozen ones lack
+    if any(not p.requires_grad for p in wrapped.parameters()):  # torch's trackers hook every parameter's gradient
         tracker = StoragePeak(*wrapped.parameters(), *wrapped.buffers(), batch)
     elif setup.strategy == "ddp":
         tracker = MemTracker()
@@ -208,8 +237,9 @@ def _trace(setup: StepSetup, mesh, model: torch.nn.Module) -> MeasuredMemory:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=setup.strategy != "ddp")  # as the FTL strategies do
+    trainable_state = _trainable_state_bytes(trainable, optimizer)
     if isinstance(tracker, StoragePeak):
-        return MeasuredMemory(0, 0, 0, 0, 0, 0, peak=tracker.peak)
+        return MeasuredMemory(0, 0, 0, 0, 0, 0, peak=tracker.peak, trainable_state=trainable_state)
     by_kind = next(iter(tracker.get_tracker_snapshot("peak").values()))
     get = lambda *names: sum(by_kind.get(n, 0) for n in names)  # noqa: E731
     return MeasuredMemory(
@@ -220,7 +250,19 @@ def _trace(setup: StepSetup, mesh, model: torch.nn.Module) -> MeasuredMemory:
         temporaries=get("Temp", "All Gather", "Reduce Scatter"),
         other=get("Other", "Inputs"),
         peak=by_kind["Total"],
+        trainable_state=trainable_state,
     )
+
+
+def _trainable_state_bytes(trainable: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """This rank's bytes of trainable parameters and their optimizer states (local shards for DTensors)."""
+
+    def nbytes(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return local.numel() * local.element_size()
+
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.ndim]
+    return sum(nbytes(t) for t in [*trainable, *states])
 
 
 def _with_lora(model: torch.nn.Module, setup: StepSetup) -> torch.nn.Module:

@@ -19,6 +19,7 @@ import torch
 from launcher.errors import FTLError
 from launcher.model_info import transformer_blocks
 from launcher.spec import JobSpec, MethodSpec
+from strategies.catalog import refusal, runnable
 
 def head_names(model: torch.nn.Module, num_labels: int | None) -> list[str]:
     """Qualified names of the task head's modules. Classification: every Linear outside the transformer
@@ -70,12 +71,6 @@ def check_method(spec: JobSpec, model: torch.nn.Module) -> None:
                     f"`method.lora.target_modules` names {missing}, which match no module of {type(model).__name__}. "
                     f"Its Linear layers are: {', '.join(sorted(leaves))}. Use some of those, or `all-linear`."
                 )
-    if method.name == "qlora" and spec.strategy in ("zero3", "zero3_offload"):
-        raise FTLError(
-            f"QLoRA with `strategy: {spec.strategy}` is refused: ZeRO-3 partitions parameters by flattening them, "
-            "which breaks the packed 4-bit weights and their quantisation state. Use `strategy: ddp` or `fsdp2` "
-            "(FSDP2 shards the 4-bit storage as plain tensors), or `method.name: lora` with ZeRO-3."
-        )
     if method.name == "gradual_unfreezing":
         blocks = len(transformer_blocks(model))
         stages = min(method.gradual_unfreezing.max_blocks or blocks, blocks)
@@ -86,11 +81,6 @@ def check_method(spec: JobSpec, model: torch.nn.Module) -> None:
                 f"steps takes {needed} steps, but `train.max_steps` is {spec.train.max_steps}: the schedule is longer "
                 "than the run. Lower `every_steps`, set `max_blocks`, or raise `train.max_steps`."
             )
-        if spec.strategy not in ("auto", "ddp"):
-            raise FTLError(
-                f"`method.name: gradual_unfreezing` runs with `strategy: ddp` only in this version (forced: {spec.strategy}): "
-                "FSDP2 and ZeRO fix the set of trained parameters when they wrap the model, and unfreezing adds to it."
-            )
     if method.name in ("freeze", "gradual_unfreezing") and spec.task.name == "causal_lm":
         if getattr(model.config, "tie_word_embeddings", False):
             raise FTLError(
@@ -98,6 +88,17 @@ def check_method(spec: JobSpec, model: torch.nn.Module) -> None:
                 "input embeddings (tie_word_embeddings), so the head cannot train while the embeddings stay frozen. "
                 "Use `task: classification` (a new head), `method.name: lora`, or a model with an untied head."
             )
+
+
+def check_supported(method: str, strategy: str, device: str) -> None:
+    """The method x strategy x device table (strategies/catalog.py) as a user-facing check: run by the CLI on
+    the plan before anything is written, and by every rank on the plan it was given."""
+    why = refusal(method, strategy, device)
+    if why:
+        raise FTLError(
+            f"`method.name: {method}` with `strategy: {strategy}` is refused: {why}. Drop `strategy` (the planner then "
+            f"picks one that runs) or force one of: {', '.join(runnable(method, device))}."
+        )
 
 
 def apply_method(model: torch.nn.Module, spec: JobSpec) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from launcher.methods import apply_method, check_method, head_names, is_head_par
 from launcher.model_info import build_config, transformer_blocks
 from launcher.planner import resolve_precision
 from launcher.spec import JobSpec, TrainSpec
+from strategies.catalog import traits
 
 
 def pretrained_weights(spec: JobSpec) -> Path | None:
@@ -57,22 +58,28 @@ def build_model(
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
     device: torch.device | None = None,
+    strategy: str | None = None,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
     """The job's model with its method applied: fp32 on the CPU (or 4-bit on `device` for QLoRA), loaded
-    or randomly initialised (seeded by the caller), in train mode.
+    or randomly initialised (seeded by the caller), in train mode. `strategy`: the planned one (how a
+    4-bit base is stored depends on it); default the spec's forced one, else ddp's layout.
 
     With `meta`, parameters stay on the meta device (buffers are real: they are computed, not loaded)
-    and the strategy materialises them shard by shard; see strategies/fsdp2.py.
+    and the strategy materialises them shard by shard; see strategies/fsdp2.py. `attn_implementation`
+    (meta only) is for launcher/measure.py, which traces this same model.
     """
     config = task_config(spec, label_names, pad_token_id)
     cls = auto_class(spec)
+    strategy = strategy or (spec.strategy if spec.strategy != "auto" else "ddp")
     try:
         if meta:
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             with init_empty_weights(include_buffers=False):
-                model = cls.from_config(config, dtype=torch.float32)
+                model = cls.from_config(config, dtype=torch.float32, **extra)
             model.tie_weights()  # init_empty_weights re-registers parameters, which unties shared ones
         elif spec.method.name == "qlora":
-            model = _load_4bit(spec, config, cls, device or torch.device("cpu"))
+            model = _load_4bit(spec, config, cls, device or torch.device("cpu"), traits(strategy).dtensor_params)
         elif pretrained_weights(spec) is not None:
             model = cls.from_pretrained(spec.model.name_or_path, config=config, local_files_only=True, dtype=torch.float32)
         else:
@@ -103,12 +110,13 @@ def count_trainable(spec: JobSpec) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device) -> torch.nn.Module:
+def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device, storage_as_compute: bool) -> torch.nn.Module:
     """QLoRA's base: the block Linears quantised to 4 bits by bitsandbytes as they load.
 
     bitsandbytes quantises in `from_pretrained` only, so a random-init job first writes its random model
-    to a temporary folder. The 4-bit storage dtype is the compute dtype under FSDP2, so that sharding and
-    mixed-precision casts move the packed bytes as opaque elements instead of converting them.
+    to a temporary folder. With `storage_as_compute` (strategies whose parameters become DTensor shards:
+    FSDP2) the 4-bit storage dtype is the compute dtype, so that sharding and mixed-precision casts move
+    the packed bytes as opaque elements instead of converting them.
     """
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -124,7 +132,7 @@ def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch
         bnb_4bit_quant_type=qlora.quant_type,
         bnb_4bit_use_double_quant=qlora.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=compute if spec.strategy.startswith("fsdp2") else torch.uint8,
+        bnb_4bit_quant_storage=compute if storage_as_compute else torch.uint8,
         llm_int8_skip_modules=skip,  # the task head stays dense: it is trained in full
     )
     device_map = {"": device.index if device.type == "cuda" else "cpu"}

@@ -7,17 +7,21 @@ DDP -> ZeRO-1 -> ZeRO-2 -> FSDP2 (ZeRO-3 equivalent; HSDP within a node first on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from launcher.memory import GiB, MemoryBreakdown, MemoryInputs, per_rank_memory
 from launcher.model_info import ModelShape
 from launcher.spec import JobSpec
+from strategies.catalog import AUTO_ORDER, STRATEGIES, refusal
 
 # Fraction of device memory a plan may use: the rest absorbs allocator fragmentation and spikes.
 HEADROOM = 0.90
-AUTO_ORDER = ("ddp", "zero1", "zero2", "fsdp2", "zero3_offload")
 # How much each strategy shards model states; a bigger job must never get a smaller number.
-SHARDING_LEVEL = {"ddp": 0, "zero1": 1, "zero2": 2, "fsdp2": 3, "zero3": 3, "fsdp2_offload": 4, "zero3_offload": 4}
+SHARDING_LEVEL = {name: t.sharding_level for name, t in STRATEGIES.items()}
+# Assumed per-rank write speed of a checkpoint (a shared filesystem under load, not a local NVMe): sizes
+# the time a pre-empted job is given to save. Generous on purpose; a job that saves faster exits sooner.
+CHECKPOINT_WRITE_BYTES_PER_S = 200 * 10**6
+MIN_SAVE_GRACE_S = 120
 # NF4 weight (4 bits) plus double-quantised constants (0.127 bits/param, Dettmers et al., QLoRA 2023).
 NF4_BYTES_PER_PARAM = (4 + 0.127) / 8
 SUGGESTED_LORA_RANK = 16
@@ -89,7 +93,18 @@ class Plan:
     def replicas(self) -> int:
         return self.request.world_size // self.shard_group
 
+    @property
+    def save_grace_s(self) -> int:
+        """Seconds a stopping rank may need to write its checkpoint: its share of the model states at
+        CHECKPOINT_WRITE_BYTES_PER_S, twice over (staging + writing), and never under MIN_SAVE_GRACE_S.
+        torchrun's shutdown timeout and Slurm's pre-emption warning are sized from it."""
+        m = self.per_rank
+        states = m.params + m.optimizer + m.host  # what a checkpoint holds (gradients are not saved)
+        return max(MIN_SAVE_GRACE_S, int(2 * states / CHECKPOINT_WRITE_BYTES_PER_S) + 30)
+
     def to_dict(self) -> dict:
+        """The plan as JSON: the summary a user reads, and (`request`, `memory`) what `from_dict` rebuilds
+        the identical Plan from on every rank."""
         r = self.request
         return {
             "params_total": r.shape.params_total,
@@ -110,7 +125,28 @@ class Plan:
             "rejected": [{"strategy": s, "reason": why} for s, why in self.rejected],
             "suggestions": list(self.suggestions),
             "warnings": list(self.warnings),
+            "save_grace_s": self.save_grace_s,
+            "request": asdict(r),
+            "memory": asdict(self.per_rank),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        raw = dict(data["request"])
+        shape = dict(raw.pop("shape"))
+        shape["linear_names"] = tuple(shape.get("linear_names", ()))
+        request = PlanRequest(shape=ModelShape(**shape), **raw)
+        return cls(
+            request=request,
+            strategy=data["strategy"],
+            shard_group=data["shard_group"],
+            fits=data["fits"],
+            reason=data["reason"],
+            per_rank=MemoryBreakdown(**data["memory"]),
+            rejected=tuple((r["strategy"], r["reason"]) for r in data["rejected"]),
+            suggestions=tuple(data["suggestions"]),
+            warnings=tuple(data["warnings"]),
+        )
 
 
 def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trainable: int | None = None) -> PlanRequest:
@@ -167,10 +203,12 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
     if request.strategy != "auto":
         return _forced(request, suggest)
     rejected: list[tuple[str, str]] = []
-    # Gradual unfreezing adds trainable parameters mid-run, which only DDP's re-wrap supports (see
-    # strategies/ddp.py): the other strategies fix the trained set when they wrap the model.
-    order = ("ddp",) if request.method == "gradual_unfreezing" else AUTO_ORDER
-    for strategy in order:
+    # Only strategies the method runs with (strategies.catalog): the plan never chooses what the ranks refuse.
+    order = tuple(s for s in AUTO_ORDER if not refusal(request.method, s, request.device))
+    for strategy in AUTO_ORDER:
+        if strategy not in order:
+            rejected.append((strategy, refusal(request.method, strategy, request.device)))
+            continue
         est = estimate(request, strategy)
         if est.fits:
             return Plan(
@@ -183,15 +221,18 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
                 rejected=tuple(rejected),
             )
         rejected.append((strategy, est.why_not))
-    if order != AUTO_ORDER:
-        ddp = estimate(request, "ddp")
+    if "fsdp2" not in order:  # the most sharded strategy this method runs with is the best it gets
+        best = estimate(request, order[-1])
         return Plan(
             request=request,
-            strategy="ddp",
-            shard_group=ddp.shard_group,
+            strategy=best.strategy,
+            shard_group=best.shard_group,
             fits=False,
-            reason=f"Nothing fits: gradual unfreezing runs on DDP only, and DDP {ddp.why_not}. Use `method.name: freeze` or lora with sharding.",
-            per_rank=ddp.memory,
+            reason=(
+                f"Nothing fits: `method.name: {request.method}` runs with {', '.join(order)} only, and {best.strategy} "
+                f"{best.why_not}. Use `method.name: freeze` or lora, which shard."
+            ),
+            per_rank=best.memory,
             rejected=tuple(rejected),
             suggestions=suggestions(request) if suggest else (),
         )
@@ -214,7 +255,18 @@ def plan(request: PlanRequest, suggest: bool = True) -> Plan:
 
 
 def _forced(request: PlanRequest, suggest: bool) -> Plan:
+    refused = refusal(request.method, request.strategy, request.device)
     est = estimate(request, request.strategy)
+    if refused:
+        return Plan(
+            request=request,
+            strategy=request.strategy,
+            shard_group=est.shard_group,
+            fits=False,
+            reason=f"`strategy: {request.strategy}` is refused for `method.name: {request.method}`: {refused}",
+            per_rank=est.memory,
+            rejected=((request.strategy, refused),),
+        )
     warnings: tuple[str, ...] = ()
     extra: tuple[str, ...] = ()
     if not est.fits:
@@ -283,9 +335,12 @@ def suggestions(request: PlanRequest) -> tuple[str, ...]:
                 frozen_bytes_per_param=qlora_frozen_bytes_per_param(request.shape, request.precision),
             )
         )
-    nodes = _nodes_needed(request)
-    if nodes:
-        out.append(f"more GPUs: {nodes} nodes x {request.gpus_per_node} GPUs ({nodes * request.gpus_per_node} in all) fit with fsdp2")
+    sharded = _most_sharded(request)
+    nodes = _nodes_needed(request, sharded)
+    if SHARDING_LEVEL[sharded] == 0:
+        out.append(f"more GPUs do not help: `method.name: {request.method}` runs with {sharded} only, which holds the whole model on every rank")
+    elif nodes:
+        out.append(f"more GPUs: {nodes} nodes x {request.gpus_per_node} GPUs ({nodes * request.gpus_per_node} in all) fit with {sharded}")
     else:
         out.append("more GPUs: even 1024 nodes do not fit unsharded activations; reduce seq_len or micro_batch_size")
     return tuple(out)
@@ -298,11 +353,17 @@ def _try(request: PlanRequest, label: str, **changes: object) -> str:
     return f"{label}: still {_gib(alt.per_rank.total)} per rank, does not fit alone"
 
 
-def _nodes_needed(request: PlanRequest) -> int:
+def _most_sharded(request: PlanRequest) -> str:
+    """fsdp2 when the method runs with it, else the most sharded strategy that it runs with."""
+    order = [s for s in AUTO_ORDER if not refusal(request.method, s, request.device) and not STRATEGIES[s].offload]
+    return "fsdp2" if "fsdp2" in order else max(order, key=lambda s: SHARDING_LEVEL[s])
+
+
+def _nodes_needed(request: PlanRequest, strategy: str = "fsdp2") -> int:
     for nodes in (2**k for k in range(0, 11)):
         if nodes <= request.nodes:
             continue
-        if estimate(replace(request, nodes=nodes), "fsdp2").fits:
+        if estimate(replace(request, nodes=nodes), strategy).fits:
             return nodes
     return 0
 
@@ -329,3 +390,13 @@ def _count(n: int) -> str:
         if n >= size:
             return f"{n / size:.{1 if n < 10 * size else 0}f}{unit}"
     return str(n)
+
+
+def replan_for_world(job_plan: Plan, nodes: int, gpus_per_node: int) -> Plan:
+    """The plan re-made for the world the ranks found (a resume on fewer or more ranks), keeping its
+    strategy: the checkpoint it wrote must still load. The ranks log that they did this."""
+    if (nodes, gpus_per_node) == (job_plan.request.nodes, job_plan.request.gpus_per_node):
+        return job_plan
+    again = plan(replace(job_plan.request, nodes=nodes, gpus_per_node=gpus_per_node, strategy=job_plan.strategy), suggest=False)
+    return replace(again, reason=f"re-planned for {nodes} x {gpus_per_node} ranks (planned: {job_plan.request.nodes} x "
+                   f"{job_plan.request.gpus_per_node}); {job_plan.strategy} kept so the checkpoint loads")

@@ -1,4 +1,5 @@
-"""What exact resume needs beside model and optimizer: RNG states and the spec fingerprint, as JSON.
+"""The trainer's state beside model and optimizer, as one object saved as JSON per rank: step, phase,
+data position, LR schedule and RNG states; and the spec fingerprint a checkpoint must match.
 
 Nothing here pickles: RNG states become lists of ints, so a checkpoint never executes code on load.
 """
@@ -8,11 +9,29 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from launcher.spec import JobSpec
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps completed
+    phase: int = 0  # index into the schedule's phases
+    data: dict = field(default_factory=dict)  # the data stream's position (its own state_dict)
+    scheduler: dict = field(default_factory=dict)  # the LR scheduler's state_dict
+    rng: dict = field(default_factory=dict)  # capture_rng() of this rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainerState":
+        # `phase` is absent from checkpoints written before phases existed: they had one.
+        return cls(step=data["step"], phase=data.get("phase", 0), data=data["data"], scheduler=data["scheduler"], rng=data["rng"])
 
 
 def capture_rng() -> dict:

@@ -1,4 +1,4 @@
-"""What every strategy provides to the one training loop in launcher/train.py.
+"""What every strategy provides to the one training loop in launcher/trainer.py.
 
 A strategy is applied to a model (parallelism as a function, not a subclass) and owns what differs
 between DDP, FSDP2 and DeepSpeed: wrapping, gradient sync during accumulation, backward, the
@@ -15,18 +15,22 @@ from typing import Callable, Protocol
 
 import torch
 
-from launcher.planner import Plan
-from launcher.rank_env import RankEnv
-from launcher.spec import TrainSpec
+import torch.distributed as dist
+
+from strategies.config import StrategyConfig
 
 
 @dataclass(frozen=True)
 class RankContext:
-    """Where this rank runs: its place in the job, its device and compute dtype."""
+    """Where this rank runs: its place in the job, its device and compute dtype, and a CPU (gloo) group
+    of its own for background checkpoint writers (their collectives run in a thread and must never
+    interleave with the loop's). The rank runtime (launcher/runtime.py) creates and destroys the group."""
 
-    env: RankEnv
+    rank: int
+    world_size: int
     device: torch.device
     compute_dtype: torch.dtype  # bf16 under mixed precision, else fp32
+    writer_group: dist.ProcessGroup | None = None
 
     def autocast(self) -> AbstractContextManager:
         enabled = self.compute_dtype != torch.float32
@@ -42,12 +46,14 @@ class Strategy(Protocol):
     model: torch.nn.Module  # the wrapped model; call it for forward
     optimizer: torch.optim.Optimizer
 
-    def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None: ...
+    def __init__(self, config: StrategyConfig, ctx: RankContext) -> None: ...
 
-    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None) -> None:
-        """Wrap `model` and build its optimizer over the wrapped parameters. Unless `meta_init`, the model
-        arrives loaded on ctx.device; with it, on meta, and `weights` (a HF folder, or None for random
-        init) says what to materialise it with."""
+    def setup(
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None
+    ) -> None:
+        """Wrap `model` (whose repeated transformer blocks are `blocks`) and build its optimizer over the
+        wrapped parameters. Unless `meta_init`, the model arrives loaded on ctx.device; with it, on meta,
+        and `weights` (a HF folder, or None for random init) says what to materialise it with."""
 
     def accumulate(self, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch's forward+backward; gradients sync across ranks only if `sync`."""
@@ -65,4 +71,5 @@ class Strategy(Protocol):
         """Collective: load what `save` wrote, resharding if the world size changed."""
 
     def trainable_changed(self) -> None:
-        """Parameters were unfrozen (gradual unfreezing): make gradient sync cover them from now on."""
+        """Parameters were unfrozen (gradual unfreezing): make gradient sync cover them from now on. Called
+        only where strategies.catalog says the trained set can grow."""

@@ -19,10 +19,8 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from launcher.errors import FTLError
+from strategies.errors import FTLError
 
-
-_ASYNC_GROUP: dist.ProcessGroup | None = None
 WRITER_THREADS = 2
 
 
@@ -33,11 +31,18 @@ def state_dict_options(trainable_only: bool) -> StateDictOptions:
 
 
 def save_model_and_optimizer(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path, background: bool = False, trainable_only: bool = False
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+    writer_group: dist.ProcessGroup | None,
+    stager: "ReusedBufferStager",
+    background: bool = False,
+    trainable_only: bool = False,
 ) -> Future | None:
     """Write model + optimizer under `path`. With `background`, this rank's share of the state is first
     copied to CPU memory (training may then change it) and written by a thread; the returned future
-    completes when done."""
+    completes when done. The writer thread coordinates ranks with collectives of its own on
+    `writer_group` (gloo), so they never interleave with the training loop's."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(trainable_only))
     state = {"model": model_sd, "optim": optim_sd}
     if background:
@@ -45,12 +50,7 @@ def save_model_and_optimizer(
         # training half as long; a blocking save measured slower with split shares (6.7-7.0 s vs
         # 3.0 s, reproducible, not understood yet), so it keeps DCP's own deduplication.
         state = this_ranks_share(state, dist.get_rank(), dist.get_world_size())
-    global _ASYNC_GROUP
-    if _ASYNC_GROUP is None:
-        # The writer thread coordinates ranks with collectives of its own: on a separate gloo group, so
-        # they never interleave with the training loop's collectives.
-        _ASYNC_GROUP = dist.new_group(backend="gloo")
-    response = dcp.async_save(state, storage_writer=_writer(path), process_group=_ASYNC_GROUP, async_stager=_STAGER)
+    response = dcp.async_save(state, storage_writer=_writer(path), process_group=writer_group, async_stager=stager)
     future = getattr(response, "upload_completion", response)
     if not background:
         # A blocking save takes the same path and waits: writing from the staged copy measured ~2x
@@ -149,9 +149,6 @@ class ReusedBufferStager:
 
     def close(self) -> None:
         self._buffers.clear()
-
-
-_STAGER = ReusedBufferStager()
 
 
 def _writer(path: Path) -> dcp.FileSystemWriter:

@@ -9,23 +9,24 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.planner import Plan
-from launcher.spec import PEFT_METHODS, TrainSpec
 from strategies.base import OptimizerFactory, RankContext
-from strategies.dcp_state import load_model_and_optimizer, save_model_and_optimizer
+from strategies.config import StrategyConfig
+from strategies.dcp_state import ReusedBufferStager, load_model_and_optimizer, save_model_and_optimizer
 
 
 class DDPStrategy:
     name = "ddp"
     meta_init = False  # every rank holds the whole model anyway
 
-    def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None:
-        self.plan = plan
+    def __init__(self, config: StrategyConfig, ctx: RankContext) -> None:
+        self.config = config
         self.ctx = ctx
-        self.trainable_only = plan.request.method in PEFT_METHODS
+        self.stager = ReusedBufferStager()  # host buffers for background saves, kept from one save to the next
 
-    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None = None) -> None:
-        # `weights` is unused: the model arrives loaded (DDP has no meta-device init).
+    def setup(
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None = None
+    ) -> None:
+        # `blocks` and `weights` are unused: the model arrives loaded (DDP has no meta-device init).
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         # gradient_as_bucket_view: grads alias the all-reduce buckets instead of doubling their memory.
         self.model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -45,7 +46,9 @@ class DDPStrategy:
         return float(norm)
 
     def save(self, path: Path, background: bool = False) -> Future | None:
-        return save_model_and_optimizer(self.model, self.optimizer, path, background, self.trainable_only)
+        return save_model_and_optimizer(
+            self.model, self.optimizer, path, self.ctx.writer_group, self.stager, background, self.config.trainable_only
+        )
 
     def trainable_changed(self) -> None:
         # DDP's reducer covers the parameters that required grad when it was built: rebuild the wrapper
@@ -53,4 +56,4 @@ class DDPStrategy:
         self.model = DistributedDataParallel(self.model.module, device_ids=self.model.device_ids, gradient_as_bucket_view=True)
 
     def load(self, path: Path) -> None:
-        load_model_and_optimizer(self.model, self.optimizer, path, self.trainable_only)
+        load_model_and_optimizer(self.model, self.optimizer, path, self.config.trainable_only)

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
-from launcher.errors import FTLError
-from launcher.planner import Plan
-from launcher.spec import PEFT_METHODS, TrainSpec
 from strategies.base import OptimizerFactory, RankContext
+from strategies.config import StrategyConfig
 from strategies.deepspeed_config import deepspeed_config
+from strategies.errors import FTLError
 
 
 def import_deepspeed():
@@ -73,17 +72,18 @@ def weights_only_loads(path: Path) -> Iterator[None]:
 class DeepSpeedStrategy:
     meta_init = False
 
-    def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None:
-        self.plan = plan
+    def __init__(self, config: StrategyConfig, ctx: RankContext) -> None:
         self.ctx = ctx
-        self.name = plan.strategy
-        self.config = deepspeed_config(plan, train, ctx.env.world_size)
-        self.trainable_only = plan.request.method in PEFT_METHODS
+        self.name = config.name
+        self.trainable_only = config.trainable_only
+        self.ds_config = deepspeed_config(config, ctx.world_size)
 
-    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None = None) -> None:
+    def setup(
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None = None
+    ) -> None:
         deepspeed = import_deepspeed()
         optimizer = build_optimizer(model)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.model = self.engine
         # The LR schedule drives the torch optimizer's param groups, which ZeRO's wrapper shares.
         self.optimizer = optimizer
@@ -115,4 +115,4 @@ class DeepSpeedStrategy:
             )
 
     def trainable_changed(self) -> None:
-        raise FTLError("ZeRO fixes the trained parameters when it wraps the model; gradual unfreezing needs ddp.")
+        raise RuntimeError("ZeRO fixes the trained set when it wraps; strategies.catalog refuses gradual unfreezing here")

@@ -20,12 +20,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from launcher.errors import FTLError
-from launcher.model_info import transformer_blocks
-from launcher.planner import Plan
-from launcher.spec import PEFT_METHODS, TrainSpec
 from strategies.base import OptimizerFactory, RankContext
-from strategies.dcp_state import load_model_and_optimizer, save_model_and_optimizer
+from strategies.config import StrategyConfig
+from strategies.dcp_state import ReusedBufferStager, load_model_and_optimizer, save_model_and_optimizer
+from strategies.errors import FTLError
 
 
 class FSDP2Strategy:
@@ -33,20 +31,22 @@ class FSDP2Strategy:
     meta_init = True
     offload = False
 
-    def __init__(self, plan: Plan, ctx: RankContext, train: TrainSpec) -> None:
-        self.plan = plan
+    def __init__(self, config: StrategyConfig, ctx: RankContext) -> None:
+        self.config = config
         self.ctx = ctx
-        self.trainable_only = plan.request.method in PEFT_METHODS
+        self.stager = ReusedBufferStager()  # host buffers for background saves, kept from one save to the next
 
     def mesh(self) -> DeviceMesh:
-        world, group = self.ctx.env.world_size, self.plan.shard_group
+        world, group = self.ctx.world_size, self.config.shard_group
         if group >= world or world % group:  # launched on another world size than planned: shard over all
             return init_device_mesh(self.ctx.device.type, (world,), mesh_dim_names=("shard",))
         if group == world:
             return init_device_mesh(self.ctx.device.type, (world,), mesh_dim_names=("shard",))
         return init_device_mesh(self.ctx.device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
-    def setup(self, model: torch.nn.Module, build_optimizer: OptimizerFactory, weights: Path | None = None) -> None:
+    def setup(
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None = None
+    ) -> None:
         buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.device.type != "meta"}
         mesh = self.mesh()
         if self.ctx.compute_dtype == torch.float32:
@@ -54,7 +54,7 @@ class FSDP2Strategy:
         else:  # compute in bf16, reduce gradients in fp32: the sharded fp32 params are the master copy
             mp = MixedPrecisionPolicy(param_dtype=self.ctx.compute_dtype, reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy(pin_memory=self.ctx.device.type == "cuda") if self.offload else OffloadPolicy()
-        for block in transformer_blocks(model):
+        for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=True)
         # The root (embeddings, final norm, head) is needed again right at the start of backward.
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
@@ -65,7 +65,7 @@ class FSDP2Strategy:
                 for name, buf in buffers.items():  # non-persistent buffers (e.g. RoPE inv_freq) were real: restore
                     model.get_buffer(name).copy_(buf)
                 if weights is None:
-                    init_local_shards(model, self.ctx.env.rank)
+                    init_local_shards(model, self.ctx.rank)
                 else:
                     load_safetensors_into_shards(model, weights)
         # else: the model arrived built (PEFT wrappers, new task heads, 4-bit bases) and fully_shard has
@@ -90,13 +90,15 @@ class FSDP2Strategy:
         return float(norm)
 
     def save(self, path: Path, background: bool = False) -> Future | None:
-        return save_model_and_optimizer(self.model, self.optimizer, path, background, self.trainable_only)
+        return save_model_and_optimizer(
+            self.model, self.optimizer, path, self.ctx.writer_group, self.stager, background, self.config.trainable_only
+        )
 
     def trainable_changed(self) -> None:
-        raise FTLError("FSDP2 fixes the trained parameters when it wraps the model; gradual unfreezing needs ddp.")
+        raise RuntimeError("FSDP2 fixes the trained set when it wraps; strategies.catalog refuses gradual unfreezing here")
 
     def load(self, path: Path) -> None:
-        load_model_and_optimizer(self.model, self.optimizer, path, self.trainable_only)
+        load_model_and_optimizer(self.model, self.optimizer, path, self.config.trainable_only)
 
 
 class FSDP2OffloadStrategy(FSDP2Strategy):

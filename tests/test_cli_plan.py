@@ -69,3 +69,21 @@ def test_plan_measure_prints_measured_beside_predicted(capsys):
 def test_plan_measure_refuses_deepspeed_plans_clearly(capsys):
     assert main(["plan", "configs/llama3-8b-full.yaml", "strategy=zero2", "--measure"]) == 2
     assert "cannot be traced" in capsys.readouterr().err
+
+
+def test_plan_measure_traces_the_plans_own_method(capsys):
+    """`--measure` traces the step of the plan's method, built by the code `ftl run` uses: LoRA and prompt
+    tuning under fake tensors, QLoRA as a real 4-bit step. Their trainable state is not full fine-tuning's."""
+    measured = {}
+    for method in ("full", "lora", "qlora", "prompt_tuning"):
+        assert main(["plan", "configs/quickstart.yaml", f"method.name={method}", "--json", "--measure"]) == 0
+        plan = json.loads(capsys.readouterr().out)
+        measured[method] = (plan["measured_trainable_state_bytes"], plan["measured_peak_bytes"])
+    full_state = measured["full"][0]
+    # full: fp32 params + two AdamW moments = 12 bytes per parameter, all of them trainable
+    assert abs(full_state / (12 * 775_296) - 1) < 0.01
+    for method in ("lora", "qlora", "prompt_tuning"):
+        assert measured[method][0] < full_state / 4, measured
+        assert measured[method][1] != measured["full"][1]
+    assert measured["lora"][0] == measured["qlora"][0]  # the same adapters train; only the base differs
+    assert measured["qlora"][1] < measured["lora"][1]  # a 4-bit base

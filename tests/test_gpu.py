@@ -30,7 +30,7 @@ def test_quickstart_on_cuda_in_bf16(strategy, tmp_path):
 def test_offload_checks_pinned_memory_on_cuda():
     """On a GPU host that allows pinned memory the check passes; where the memlock limit forbids it,
     the same call raises an FTLError naming `ulimit -l` instead of a CUDA error mid-setup."""
-    from strategies import check_pinned_memory
+    from strategies.registry import check_pinned_memory
 
     check_pinned_memory("fsdp2_offload", "cuda")
 
@@ -42,3 +42,17 @@ def test_qlora_on_cuda_trains(tmp_path):
         "train.max_steps=50", f"output_dir={tmp_path}/run", timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_two_step_job_on_nccl_runs_its_cpu_control_collectives(tmp_path):
+    """The default group on CUDA is `cpu:gloo,cuda:nccl`: the stop flag, the first-step gradient check and
+    evaluation sums (CPU tensors) run at step 1 and 2 beside nccl's gradient all-reduce."""
+    gpus = min(2, torch.cuda.device_count())
+    result = run_ftl(
+        "run", "configs/quickstart.yaml", "hardware.device=cuda", f"--gpus={gpus}", "train.max_steps=2",
+        "train.warmup_steps=0", "train.log_every=1", "train.eval_every=1", f"output_dir={tmp_path}/run", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "run" / "outcome.json").read_text())
+    assert outcome["outcome"] == "done" and outcome["step"] == 2

@@ -11,10 +11,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import sys
+
 import psutil
 import pytest
 import torch
 
+from launcher.job import prepare_run_dir
+from launcher.model_info import model_shape
+from launcher.planner import plan, request_from_spec
+from launcher.spec import load_spec
 from tests.conftest import FTL, REPO, run_ftl, tiny_spec, write_spec
 
 STEPS = 16
@@ -113,16 +119,24 @@ def test_kill_one_rank_fails_fast_and_rerun_resumes(tmp_path):
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     spec = job(tmp_path, "midsave")
     root = tmp_path / "midsave" / "checkpoints"
-    # Every save sleeps 20 s inside step-N.tmp/ before the rename: kill -9 the whole job in that window.
-    proc = _start("run", str(spec), "checkpoint.every=4", env={"FTL_TEST_SLOW_SAVE_S": "20"})
+    # The production rank with every save held 20 s inside step-N.tmp/ before the rename (a host-side
+    # hook, tests/hosts/slow_publish_rank.py): kill -9 the whole job in that window.
+    loaded = load_spec(spec, ["checkpoint.every=4"])
+    prepare_run_dir(loaded, plan(request_from_spec(loaded, model_shape(loaded.model), "cpu")), fresh=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+         "-m", "tests.hosts.slow_publish_rank", str(loaded.output_dir), "20"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
     _wait_for(lambda: (root / "step-8.tmp" / "trainer_state.rank1.json").exists(), timeout=180)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        process.kill()  # the whole tree at once (torchrun's workers have sessions of their own)
     proc.wait(timeout=30)
     assert (root / "latest").read_text().strip() == "step-4"
     assert (root / "step-4" / "manifest.json").is_file() and (root / "step-8.tmp").is_dir()
     (root / "step-0.deleting").mkdir()  # as a job killed while pruning leaves it
     (root / "step-0.deleting" / "__0_0.distcp").write_bytes(b"x" * 100)
-    rerun = ftl_ok("run", str(spec))
+    rerun = ftl_ok("run", str(spec), "checkpoint.every=4")
     assert "resumed from" in rerun.stdout and "step-4" in rerun.stdout
     assert not list(root.glob("*.tmp")) and not list(root.glob("*.deleting"))  # both were cleaned up
     assert losses(tmp_path / "midsave")[STEPS] > 0

@@ -19,15 +19,16 @@ LD_SO = "/lib64/ld-linux-x86-64.so.2"
 
 
 def test_single_node_command_is_standalone():
-    argv = torchrun_argv(Path("/runs/x/spec.yaml"), nproc_per_node=2, python="python")
+    argv = torchrun_argv(Path("/runs/x"), nproc_per_node=2, shutdown_timeout_s=300, python="python")
     assert argv == [
         "python", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        "--max-restarts", "0", "-m", "launcher.train", "--spec", "/runs/x/spec.yaml",
+        "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR2,SIGHUP,SIGQUIT", "--shutdown-timeout", "300",
+        "--max-restarts", "0", "-m", "launcher.train", "--run-dir", "/runs/x",
     ]
 
 
 def test_multi_node_command_uses_c10d_rendezvous():
-    argv = torchrun_argv(Path("s.yaml"), nproc_per_node=8, nnodes=4, rdzv_endpoint="node1:29500", run_id="job7", python="python")
+    argv = torchrun_argv(Path("run"), nproc_per_node=8, nnodes=4, rdzv_endpoint="node1:29500", run_id="job7", python="python")
     joined = " ".join(argv)
     assert "--standalone" not in argv
     assert "--nnodes 4 --rdzv-backend c10d --rdzv-endpoint node1:29500 --rdzv-id job7" in joined

@@ -22,7 +22,7 @@ TOPICS = {"train": str(REPO / "configs/data/topics.jsonl"), "validation": str(RE
 @pytest.mark.parametrize(
     "sections, expected",
     [
-        (dict(method={"name": "qlora"}, strategy="zero3"), "QLoRA with `strategy: zero3` is refused"),
+        (dict(method={"name": "qlora"}, strategy="zero3"), "`method.name: qlora` with `strategy: zero3` is refused"),
         (dict(method={"name": "lora", "lora": {"target_modules": ["qq_proj"]}}), "match no module"),
         (dict(task={"name": "classification", "num_labels": 1}), "at least 2 classes"),
         (dict(method={"name": "gradual_unfreezing", "gradual_unfreezing": {"every_steps": 5}}, task={"name": "classification", "num_labels": 2}), "longer than the run"),

@@ -142,4 +142,6 @@ def test_gradual_unfreezing_is_planned_on_ddp_only():
     """Unfreezing adds trained parameters mid-run, which only DDP's re-wrap supports."""
     assert plan(request("1b", method="gradual_unfreezing")).strategy == "ddp"
     result = plan(request("8b", method="gradual_unfreezing"))
-    assert not result.fits and result.strategy == "ddp" and "gradual unfreezing runs on DDP only" in result.reason
+    assert not result.fits and result.strategy == "ddp" and "runs with ddp only" in result.reason
+    assert any("more GPUs do not help" in line for line in result.suggestions)
+    assert dict(result.rejected)["fsdp2"].startswith("gradual unfreezing adds trained parameters")

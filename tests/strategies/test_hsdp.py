@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from launcher.job import prepare_run_dir
 from launcher.model_info import model_shape
 from launcher.planner import plan, request_from_spec
 from launcher.spec import load_spec
@@ -24,14 +25,14 @@ def run_four_ranks(strategy: str, tiny_model_dir, tmp_path) -> tuple[list[float]
     )
     del spec["model"]["config"]
     loaded = load_spec(write_spec(tmp_path, spec, f"{strategy}.yaml"))
-    loaded.output_dir.mkdir(parents=True)
-    (loaded.output_dir / "spec.yaml").write_text(loaded.to_yaml())
+    job_plan = plan(request_from_spec(loaded, model_shape(loaded.model), "cpu"))
+    prepare_run_dir(loaded, job_plan, fresh=True)  # the plan for 2 nodes x 2 ranks, as a cluster host writes it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--standalone",
-           "-m", "launcher.train", "--spec", str(loaded.output_dir / "spec.yaml")]
+           "-m", "launcher.train", "--run-dir", str(loaded.output_dir)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(l) for l in (loaded.output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r], plan(request_from_spec(loaded, model_shape(loaded.model), "cpu")).to_dict()
+    return [r["loss"] for r in records if "loss" in r], job_plan.to_dict()
 
 
 def test_hsdp_matches_ddp_on_a_2x2_mesh(tiny_model_dir, tmp_path):

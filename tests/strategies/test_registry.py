@@ -1,14 +1,15 @@
 """Every registered strategy is a strategy the planner can name, and provides the whole protocol."""
 
 from launcher.spec import STRATEGIES
-from strategies import REGISTRY, get_strategy
 from launcher.errors import FTLError
+from strategies.catalog import STRATEGIES as CATALOG
+from strategies.registry import REGISTRY, get_strategy
 
 import pytest
 
 
 def test_registry_names_are_planner_names():
-    assert set(REGISTRY) <= set(STRATEGIES)
+    assert set(REGISTRY) <= set(STRATEGIES) == set(CATALOG)
     for name, cls in REGISTRY.items():
         assert getattr(cls, "name", name) == name  # DeepSpeed takes its name (zero1..3) from the plan
         for method in ("setup", "accumulate", "backward", "step", "save", "load"):
@@ -42,3 +43,21 @@ def test_missing_deepspeed_is_caught_before_launch(tmp_path):
     assert result.returncode == 2, result.stderr
     assert "DeepSpeed, which is not installed" in result.stderr and ".[deepspeed]" in result.stderr
     assert not (tmp_path / "run").exists()  # nothing launched, nothing written
+
+
+def test_strategies_do_not_import_launcher():
+    """strategies/ sits below launcher/: a config of its own (strategies/config.py), no folder-level cycle."""
+    import ast
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "strategies").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in imported if m.split(".")[0] in ("launcher", "cluster")], path
+
+
+def test_every_strategy_the_catalog_names_is_implemented():
+    assert set(REGISTRY) == set(CATALOG)

@@ -1,0 +1,290 @@
+"""The one training loop, for every strategy, method and host (torchrun, Slurm, Ray): build, restore,
+step, run -> a `Result`. Readable top to bottom; no callbacks. Logging, evaluation, checkpointing and
+stopping each decide their own cadence (`schedule.should_log`, `schedule.should_evaluate`,
+`checkpointer.should_save`, the stop source polled every step).
+
+The trainer runs the plan it is given (launcher/job.py) on the runtime it is given (launcher/runtime.py);
+it creates no process group and installs no signal handler: the entries do that (launcher/entries.py).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from launcher.checkpoint import Checkpoint, Checkpointer, clean_stale_tmp, find_resume_checkpoint
+from launcher.data import BlockStream, build_tokenizer, check_vocab, load_examples
+from launcher.errors import FTLError
+from launcher.evaluation import EarlyStopping, evaluate
+from launcher.job import RankJob
+from launcher.methods import (
+    all_trainable,
+    check_supported,
+    first_step_gradient_problem,
+    head_names,
+    init_prompt_from_text,
+    unfreeze_top_blocks,
+    unfrozen_blocks_at,
+)
+from launcher.metrics import MetricsLog, memory_record
+from launcher.model_info import transformer_blocks
+from launcher.modeling import build_model, build_optimizer, build_scheduler, pretrained_weights
+from launcher.outcome import Outcome, Result
+from launcher.planner import Plan
+from launcher.runtime import RankRuntime
+from launcher.schedule import Schedule
+from launcher.stop import StopSource
+from launcher.train_state import TrainerState, capture_rng, restore_rng, spec_fingerprint
+from strategies.catalog import traits
+from strategies.registry import check_pinned_memory, get_strategy
+
+
+class Trainer:
+    def __init__(
+        self,
+        job: RankJob,
+        plan: Plan,
+        runtime: RankRuntime,
+        stop: StopSource,
+        before_publish: Callable[[Path], None] | None = None,
+    ) -> None:
+        """`plan`: the job's plan, or the one re-made for the world the ranks found (launcher/entries.py).
+        `before_publish` is passed to the Checkpointer (a host may time or delay publishing)."""
+        self.job, self.spec, self.plan = job, job.spec, plan
+        self.rt, self.env, self.stop = runtime, runtime.env, stop
+        self.schedule = Schedule.from_spec(self.spec)
+        self.before_publish = before_publish
+        self.state = TrainerState()
+
+    # -- build ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        spec, plan, env, device = self.spec, self.plan, self.env, self.rt.device
+        check_supported(spec.method.name, plan.strategy, device.type)
+        check_pinned_memory(plan.strategy, device.type)
+        run_dir = self.job.run_dir
+        self.spec_hash = spec_fingerprint(spec)
+        if env.is_main:
+            clean_stale_tmp(run_dir)
+        self.resume = find_resume_checkpoint(run_dir, self.spec_hash, fallback=spec.checkpoint.on_corrupt == "previous")
+        check_resumable(self.resume, plan.strategy, env.world_size)
+        self.start_step = self.resume.step if self.resume else 0
+        self.log = MetricsLog(run_dir, spec.train.max_steps, start_step=self.start_step, enabled=env.is_main)
+
+        tokenizer = build_tokenizer(spec)
+        train_examples, self.label_names = load_examples(spec, tokenizer, self.schedule.phases[0].train_data)
+        self.stream = BlockStream(train_examples, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
+        self.strategy = get_strategy(plan.strategy)(self.job.strategy_config(plan), self.rt.ctx)
+        seed_everything(spec.train.seed)  # same seed on every rank: identical init
+        # PEFT wrappers and new task heads are built on the real model; plain causal-LM models under FSDP2
+        # are built on the meta device and materialised shard by shard.
+        meta = self.strategy.meta_init and spec.task.name == "causal_lm" and not spec.method.is_peft
+        model = build_model(
+            spec, meta=meta, label_names=self.label_names, pad_token_id=tokenizer.pad_token_id, device=device, strategy=plan.strategy
+        )
+        check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+        if spec.method.name == "prompt_tuning" and spec.method.prompt_tuning.init == "text":
+            init_prompt_from_text(model, tokenizer(spec.method.prompt_tuning.init_text, add_special_tokens=False)["input_ids"])
+        heads = head_names(model, spec.task.num_labels)
+        self.blocks = transformer_blocks(model)
+        self.gradual = spec.method.name == "gradual_unfreezing"
+        self.unfrozen = 0
+        if self.gradual:
+            self.unfrozen = unfreeze_top_blocks(self.blocks, unfrozen_blocks_at(spec.method, self.start_step + 1, len(self.blocks)))
+        new_head = spec.task.name == "classification"
+
+        def make_optimizer(wrapped: torch.nn.Module) -> torch.optim.Optimizer:
+            # Gradual unfreezing: every block is in the optimizer from the start (a frozen one gets no
+            # gradient, hence no update and no Adam state), so unfreezing needs no new param groups.
+            with all_trainable(self.blocks if self.gradual else []):
+                return build_optimizer(wrapped, spec.train, device.type, heads, new_head)
+
+        if not meta and spec.method.name != "qlora":  # 4-bit weights are placed on the device as they load
+            model = model.to(device)
+        self.model = model
+        self.strategy.setup(model, self.blocks, make_optimizer, pretrained_weights(spec))
+        self.scheduler = build_scheduler(self.strategy.optimizer, spec.train)
+        seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
+        self.validation = None
+        if spec.data.validation is not None:
+            self.validation, _ = load_examples(spec, tokenizer, spec.data.validation, self.label_names)
+        self.checkpointer = Checkpointer(
+            run_dir, self.strategy, env, spec.checkpoint.keep, self.spec_hash, spec.checkpoint.async_save,
+            control=self.rt.control, every=spec.checkpoint.every, before_publish=self.before_publish,
+        )
+
+    def restore(self) -> None:
+        """Continue from the checkpoint found at build time, if any: model, optimizer, trainer state."""
+        if self.resume is None:
+            return
+        self.strategy.load(self.resume.path)
+        saved = TrainerState.from_dict(self.resume.trainer_state(self.env.rank))
+        saved_world = self.resume.manifest["world_size"]
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.stream.load_state_dict(rescale_position(saved.data, saved_world, self.env.world_size))
+        if saved_world == self.env.world_size:
+            restore_rng(saved.rng)
+        self.state = TrainerState(step=saved.step, phase=saved.phase)
+        self.log.message(f"FTL: resumed from {self.resume.path} (step {saved.step})")
+
+    # -- step ------------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step over `grad_accum` micro-batches: (summed loss on the device, grad norm, lr)."""
+        spec, strategy, device = self.spec, self.strategy, self.rt.device
+        if self.gradual and (due := unfrozen_blocks_at(spec.method, step, len(self.blocks))) > self.unfrozen:
+            self.unfrozen = unfreeze_top_blocks(self.blocks, due)
+            strategy.trainable_changed()
+            self.log_stage(step)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(spec.train.grad_accum):
+            batch = {name: t.to(device, non_blocking=True) for name, t in self.stream.next_batch().items()}
+            with strategy.accumulate(sync=micro == spec.train.grad_accum - 1):
+                with self.rt.ctx.autocast():
+                    loss = strategy.model(**batch).loss / spec.train.grad_accum
+                strategy.backward(loss)
+            loss_sum += loss.detach()
+        if step == self.start_step + 1:
+            self.check_gradients()
+        grad_norm = strategy.step(spec.train.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return loss_sum, grad_norm, lr
+
+    # -- run ---------------------------------------------------------------------------------------
+    def run(self) -> Result:
+        self.build()
+        self.restore()
+        spec, plan, env, log = self.spec, self.plan, self.env, self.log
+        log.message(
+            f"FTL: {plan.strategy} on {env.world_size} x {self.rt.device.type} ({plan.request.precision}), method "
+            f"{spec.method.name}, {plan.request.shape.params_total:,} params, {plan.request.params_trainable:,} trainable, "
+            f"{len(self.stream)} training examples of {spec.train.seq_len} tokens"
+        )
+        if plan is not self.job.plan:
+            log.log({"step": self.start_step, "event": "replanned", "detail": plan.reason, "world_size": env.world_size})
+        if self.gradual:
+            self.log_stage(self.start_step + 1)
+        if env.is_main and self.label_names is not None:
+            import json
+
+            (self.job.run_dir / "labels.json").write_text(json.dumps({"id2label": dict(enumerate(self.label_names))}, indent=2))
+
+        first, last = self.start_step + 1, self.schedule.last_step
+        tokens_per_step = spec.train.micro_batch_size * spec.train.seq_len * spec.train.grad_accum * env.world_size
+        window_start, window_steps = log.elapsed_s(), 0
+        watch = EarlyStopping(spec.train.early_stopping_metric, spec.train.early_stopping_patience)
+        for step in range(first, last + 1):
+            loss_sum, grad_norm, lr = self.train_step(step)
+            self.state.step, self.state.phase = step, self.schedule.phase_index(step)
+            self.checkpointer.poll()
+            window_steps += 1
+            if self.schedule.should_log(step, first, last):
+                mean_loss = self.rt.sum(loss_sum).item() / env.world_size
+                if not math.isfinite(mean_loss):
+                    raise FTLError(
+                        f"The loss is {mean_loss} at step {step}: training diverged. Lower `train.lr`, keep "
+                        "`train.max_grad_norm` set, or check the data; the last checkpoint is untouched."
+                    )
+                now = log.elapsed_s()
+                tokens_per_s = tokens_per_step * window_steps / max(now - window_start, 1e-9)
+                log.log({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+                window_start, window_steps = now, 0
+            if self.validation is not None and self.schedule.should_evaluate(step, last):
+                metrics = evaluate(spec, self.strategy.model, self.validation, self.rt.ctx, self.rt.control)
+                log.log({"step": step, **metrics})
+                if watch.should_stop(metrics):
+                    log.log({"step": step, "event": "early_stop", "detail": watch.describe()})
+                    last = step
+                    break
+            # After evaluation, so a request that came during it waits no longer than the step after it; not
+            # at the last step, whose save ends the run anyway.
+            if step != last and self.rt.any_true(self.stop.requested() is not None):  # every rank stops at the same step
+                why = self.stop.requested() or "another rank was asked to stop"
+                path = self.save(step)  # completes a background save in flight first
+                log.log({"step": step, "event": "preempted", "detail": f"{why}; checkpoint saved, rerun to resume"})
+                return self.finish(Result(Outcome.PREEMPTED, step, str(path), why))
+            if self.checkpointer.should_save(step, last):
+                self.save(step, wait=False)
+
+        self.checkpointer.finish()
+        log.log({"step": last, "event": "memory", **memory_record(self.strategy, self.rt.device)})
+        if last < spec.train.max_steps and not watch.stopped:  # `train.stop_at`: a planned pause
+            path = self.save(last) if self.start_step < last else None
+            log.message(f"FTL: stopped at step {last} of {spec.train.max_steps} (train.stop_at); rerun to continue")
+            return self.finish(Result(Outcome.PAUSED, last, str(path) if path else None))
+        if self.start_step >= last:
+            log.message(f"FTL: already complete at step {last}; nothing to do (raise train.max_steps to go on)")
+            return self.finish(Result(Outcome.ALREADY_COMPLETE, last))
+        if self.validation is not None and not watch.stopped:
+            log.log({"step": last, **evaluate(spec, self.strategy.model, self.validation, self.rt.ctx, self.rt.control)})
+        path = self.save(last)
+        log.message(f"FTL: done; checkpoint {path}")
+        return self.finish(Result(Outcome.EARLY_STOPPED if watch.stopped else Outcome.DONE, last, str(path)))
+
+    def save(self, step: int, wait: bool = True) -> Path:
+        self.state.data = self.stream.state_dict()
+        self.state.scheduler = self.scheduler.state_dict()
+        self.state.rng = capture_rng()
+        return self.checkpointer.save(step, self.state.to_dict(), wait=wait)
+
+    def finish(self, result: Result) -> Result:
+        self.log.close()
+        return result
+
+    def close(self) -> None:
+        """Drop the model, optimizer and wrappers (before the runtime destroys the process groups)."""
+        for name in ("strategy", "model", "scheduler", "checkpointer"):
+            self.__dict__.pop(name, None)
+
+    # -- checks and messages -------------------------------------------------------------------------
+    def check_gradients(self) -> None:
+        """After the first backward: every trainable parameter must have a gradient. A silent failure
+        otherwise (see launcher.methods.first_step_gradient_problem); all ranks stop together."""
+        grads_visible = traits(self.plan.strategy).grads_in_param
+        problem = first_step_gradient_problem(self.model, check_missing=grads_visible)
+        if self.rt.any_true(bool(problem)):
+            raise FTLError(
+                f"Training would do nothing useful: after the first step {problem or 'another rank found parameters without a gradient'}. "
+                "FTL stops rather than train silently wrong. For QLoRA on CPU do not run an eval-mode forward before "
+                "training (FTL's own validation keeps 4-bit layers in train mode); otherwise check `method` settings."
+            )
+
+    def log_stage(self, step: int) -> None:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = len(self.blocks)
+        which = f"blocks {total - self.unfrozen}..{total - 1} + head" if self.unfrozen else "head only"
+        self.log.log({"step": step, "event": "unfreeze", "detail": f"from step {step}: {which} ({trainable:,} trainable params)", "blocks_unfrozen": self.unfrozen})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_resumable(resume: Checkpoint | None, strategy: str, world_size: int) -> None:
+    if resume is None:
+        return
+    saved = resume.manifest["strategy"]
+    if traits(saved).checkpoint_format != traits(strategy).checkpoint_format:
+        raise FTLError(
+            f"The checkpoint {resume.path} was written by {saved} and this run uses {strategy}; DeepSpeed and "
+            "DCP (ddp/fsdp2) checkpoints do not convert into each other. Force `strategy={saved}` to resume."
+        )
+    if traits(saved).checkpoint_format == "deepspeed" and resume.manifest["world_size"] != world_size:
+        raise FTLError(
+            f"The checkpoint {resume.path} was written by {saved} on {resume.manifest['world_size']} ranks; FTL resumes "
+            f"DeepSpeed checkpoints on the same world size only (this run has {world_size}). Use ddp/fsdp2 to reshard."
+        )
+
+
+def rescale_position(data: dict, saved_world: int, world: int) -> dict:
+    """Each rank's position in its slice of the epoch. On another world size the slices differ: keep the
+    number of sequences consumed in the epoch (exact order is not preserved, nothing is skipped twice)."""
+    if saved_world == world:
+        return data
+    return {"epoch": data["epoch"], "index": data["index"] * saved_world // world}
