@@ -148,7 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if job_plan.fits else 2
 
 
-def measure_plan(spec: JobSpec, job_plan: Plan):
+def measure_plan(spec: JobSpec, job_plan: Plan) -> "MeasuredMemory":  # noqa: F821 (launcher.measure, imported lazily)
     """Peak tensor bytes of one rank, from the plan's step (its strategy, method and model, built by the
     code `ftl run` uses) traced under FakeTensorMode; QLoRA's 4-bit kernels have no fake-tensor rules, so
     its step runs for real, in this process."""
@@ -175,6 +175,13 @@ def measure_plan(spec: JobSpec, job_plan: Plan):
             "to measure the step, or plan without --measure."
         )
     r = job_plan.request
+    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if quantized and 4 * r.shape.params_total > host_bytes // 2:
+        raise FTLError(
+            f"`--measure` runs QLoRA's step for real, which first builds the {_short(r.shape.params_total)}-parameter model "
+            f"in this machine's memory ({_gib(4 * r.shape.params_total)} in fp32, this machine has {_gib(host_bytes)}). "
+            "Measure a smaller model of the same family, or plan without --measure."
+        )
 
     def build() -> torch.nn.Module:
         return build_model(
