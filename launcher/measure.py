@@ -49,7 +49,10 @@ class MeasuredMemory:
 class StoragePeak(TorchDispatchMode):
     """Peak bytes of live tensor storages while active: every storage an op creates is counted until it
     is freed. Used where torch's MemTracker cannot follow (it hooks the gradient of every parameter,
-    which fails on frozen ones, e.g. a LoRA base model)."""
+    which fails on frozen ones, e.g. a LoRA base model under DDP). Not for FSDP2: it frees unsharded
+    parameters with `untyped_storage().resize_(0)`, which is no op this mode sees, while the storage
+    object lives on, so every block's unsharded weights would look alive to the end of backward
+    (FSDPMemTracker follows FSDP2's own hooks and handles frozen parameters)."""
 
     def __init__(self, *existing: torch.Tensor) -> None:
         super().__init__()
@@ -220,7 +223,7 @@ def _trace(setup: StepSetup, mesh, model: torch.nn.Module) -> MeasuredMemory:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
     batch = torch.randint(0, setup.config.vocab_size, (setup.micro_batch_size, setup.seq_len))
 
-    if any(not p.requires_grad for p in wrapped.parameters()):  # torch's trackers hook every parameter's gradient
+    if setup.strategy == "ddp" and any(not p.requires_grad for p in wrapped.parameters()):  # MemTracker hooks every parameter's gradient
         tracker = StoragePeak(*wrapped.parameters(), *wrapped.buffers(), batch)
     elif setup.strategy == "ddp":
         tracker = MemTracker()

@@ -175,12 +175,6 @@ def per_rank_memory(strategy: str, inputs: MemoryInputs, shard: int) -> MemoryBr
         blocks = inputs.shape.num_layers if strategy == "fsdp2_gradop" else GATHERED_BLOCKS
         gathered = _gathered_bytes(inputs, shard, blocks)
         grads_kept = grads if strategy == "zero3" else 0  # FSDP2 zero_grad frees the sharded grads
-        if strategy == "fsdp2" and inputs.lora_rank and inputs.activation_checkpointing:
-            # Traced (bench/plan_accuracy.py): with a frozen base under activation checkpointing, every
-            # block's unsharded weights (full-size all-gather outputs) stay alive until the end of
-            # backward, not just two blocks.
-            compute = 2 if inputs.precision == "bf16" else 4
-            gathered = compute * (inputs.shape.num_layers * inputs.shape.params_largest_block + inputs.shape.params_embedding)
     elif strategy in ("fsdp2_offload", "zero3_offload"):
         host = (params + grads + optimizer) // shard
         params, grads, optimizer, grads_kept = 0, 0, 0, 0

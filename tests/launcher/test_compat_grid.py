@@ -62,3 +62,13 @@ def test_the_table_covers_every_method_and_strategy():
     assert set(AUTO_ORDER) <= set(STRATEGIES)
     for method in METHODS:  # every method runs with at least ddp, everywhere
         assert not refusal(method, "ddp", "cpu") and not refusal(method, "ddp", "cuda")
+
+
+def test_70b_lora_on_one_node_of_8x80_is_fsdp2_without_offload():
+    """As torchtune's lora_finetune_distributed runs it. Before the trace fix the plan charged every block's
+    unsharded weights (the fake-mode counter missed FSDP2's storage resizes) and chose zero3_offload."""
+    chosen = make_job_plan(spec_for("8b-8x80", "lora", "cuda").model_copy(
+        update={"model": load_spec(REPO / "configs/llama3-70b-full.yaml").model}
+    ))
+    assert chosen.fits and chosen.strategy == "fsdp2", chosen.reason
+    assert chosen.per_rank.total < 45 * 2**30
