@@ -2,6 +2,7 @@
 on a ~300M-parameter model. Usage: torchrun ... bench/checkpoint_worker.py SPEC.yaml MODE OUT.json
 MODE: save (sync save, then an async save whose blocking time is measured) | load (resume-with-reshard)."""
 
+import gc
 import json
 import sys
 import time
@@ -70,8 +71,6 @@ def main() -> None:
         result["saved_world"] = ckpt.manifest["world_size"]
     if env.is_main:
         Path(out).write_text(json.dumps(result))
-    import gc
-
     # Every object holding the DDP wrapper goes before the process group does (its reducer's destructor
     # joins the group's threads).
     del strategy, model
