@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from launcher.checkpoint import Checkpointer, find_resume_checkpoint
-from launcher.job import RankJob
+from launcher.job import strategy_config
 from launcher.model_info import model_shape, transformer_blocks
 from launcher.modeling import build_model, build_optimizer
 from launcher.planner import plan, request_from_spec
@@ -29,7 +29,7 @@ def main() -> None:
     env = RankEnv.from_env()
     runtime = RankRuntime.start(env, torch.device("cpu"), "fp32", timeout_s=600)
     job_plan = plan(request_from_spec(spec, model_shape(spec.model), "cpu"))
-    strategy = get_strategy(job_plan.strategy)(RankJob(spec.output_dir, spec, job_plan).strategy_config(), runtime.ctx)
+    strategy = get_strategy(job_plan.strategy)(strategy_config(spec, job_plan), runtime.ctx)
     torch.manual_seed(0)
     model = build_model(spec)
     strategy.setup(model, transformer_blocks(model), lambda m: build_optimizer(m, spec.train, "cpu"), None)

@@ -7,16 +7,21 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from launcher.errors import FTLError
+from launcher.job import deepspeed_json, prepare_run_dir
 from launcher.memory import MemoryBreakdown
 from launcher.planner import HEADROOM, Plan, estimate, plan, request_from_spec
 from launcher.spec import JobSpec, load_spec
 from strategies.catalog import AUTO_ORDER
+
+if TYPE_CHECKING:  # torch's tracers are imported only when --measure asks for them
+    from launcher.measure import MeasuredMemory
 
 console = Console(highlight=False, soft_wrap=True)  # no hard wraps: logs and paths stay greppable
 
@@ -148,7 +153,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if job_plan.fits else 2
 
 
-def measure_plan(spec: JobSpec, job_plan: Plan) -> "MeasuredMemory":  # noqa: F821 (launcher.measure, imported lazily)
+def measure_plan(spec: JobSpec, job_plan: Plan) -> MeasuredMemory:
     """Peak tensor bytes of one rank, from the plan's step (its strategy, method and model, built by the
     code `ftl run` uses) traced under FakeTensorMode; QLoRA's 4-bit kernels have no fake-tensor rules, so
     its step runs for real, in this process."""
@@ -204,12 +209,6 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> "MeasuredMemory":  # noqa: F8
     return measure_step(setup)
 
 
-def deepspeed_json(spec: JobSpec, job_plan: Plan) -> dict | None:
-    from launcher.job import deepspeed_json as render
-
-    return render(spec, job_plan)
-
-
 def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None) -> None:
     r = job_plan.request
     console.print(
@@ -252,7 +251,6 @@ def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cluster.local import job_env, run_local
-    from launcher.job import prepare_run_dir
 
     spec = load_job(args)
     device = resolve_device(spec)

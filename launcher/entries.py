@@ -22,7 +22,9 @@ from launcher.job import RankJob
 from launcher.outcome import EXIT_USER_ERROR, Outcome, Result, write_outcome
 from launcher.planner import replan_for_world
 from launcher.rank_env import RankEnv
+from launcher.runtime import RankRuntime, resolve_device
 from launcher.stop import SignalStop, StopSource
+from launcher.trainer import Trainer
 
 
 def run_rank(
@@ -33,9 +35,6 @@ def run_rank(
 ) -> Result:
     """Run this rank's part of the job in `run_dir` exactly as planned there. Collective: every rank calls
     it. Leaves a process group it did not create alive (and destroys the ones it did)."""
-    from launcher.runtime import RankRuntime, resolve_device
-    from launcher.trainer import Trainer
-
     job = RankJob.read(run_dir)
     env = env or RankEnv.from_env()
     planned = job.plan.request

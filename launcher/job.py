@@ -46,20 +46,21 @@ class RankJob:
             raise FTLError(f"{plan_file} is not a plan this FTL wrote ({exc!r}); re-plan with `ftl run JOB.yaml`.") from None
         return cls(run_dir, load_spec(spec_file), plan)
 
-    def strategy_config(self, plan: Plan | None = None) -> StrategyConfig:
-        plan = plan or self.plan
-        train = self.spec.train
-        return StrategyConfig(
-            name=plan.strategy,
-            device=plan.request.device,
-            precision=plan.request.precision,
-            world_size=plan.request.world_size,
-            shard_group=plan.shard_group,
-            trainable_only=plan.request.method in PEFT_METHODS,
-            micro_batch_size=train.micro_batch_size,
-            grad_accum=train.grad_accum,
-            max_grad_norm=train.max_grad_norm,
-        )
+
+def strategy_config(spec: JobSpec, plan: Plan) -> StrategyConfig:
+    """What the strategy of `plan` needs to know about the job (strategies/ never reads the spec)."""
+    train = spec.train
+    return StrategyConfig(
+        name=plan.strategy,
+        device=plan.request.device,
+        precision=plan.request.precision,
+        world_size=plan.request.world_size,
+        shard_group=plan.shard_group,
+        trainable_only=plan.request.method in PEFT_METHODS,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum=train.grad_accum,
+        max_grad_norm=train.max_grad_norm,
+    )
 
 
 def prepare_run_dir(spec: JobSpec, plan: Plan, fresh: bool, say=print) -> None:
@@ -98,4 +99,4 @@ def deepspeed_json(spec: JobSpec, plan: Plan) -> dict | None:
 
     if traits(plan.strategy).library != "deepspeed":
         return None
-    return deepspeed_config(RankJob(spec.output_dir, spec, plan).strategy_config())
+    return deepspeed_config(strategy_config(spec, plan))

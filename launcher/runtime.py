@@ -78,12 +78,6 @@ class RankRuntime:
             writer_group=self.writer,
         )
 
-    def all_true(self, flag: bool) -> bool:
-        """Whether `flag` holds on every rank (collective on the control group, CPU tensor)."""
-        value = torch.tensor([0 if flag else 1], dtype=torch.int32)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
-        return value.item() == 0
-
     def any_true(self, flag: bool) -> bool:
         """Whether `flag` holds on some rank (collective on the control group, CPU tensor)."""
         value = torch.tensor([1 if flag else 0], dtype=torch.int32)

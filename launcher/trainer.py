@@ -9,6 +9,7 @@ it creates no process group and installs no signal handler: the entries do that 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -21,7 +22,7 @@ from launcher.checkpoint import Checkpoint, Checkpointer, clean_stale_tmp, find_
 from launcher.data import BlockStream, build_tokenizer, check_vocab, load_examples
 from launcher.errors import FTLError
 from launcher.evaluation import EarlyStopping, evaluate
-from launcher.job import RankJob
+from launcher.job import RankJob, strategy_config
 from launcher.methods import (
     all_trainable,
     check_supported,
@@ -78,7 +79,7 @@ class Trainer:
         tokenizer = build_tokenizer(spec)
         train_examples, self.label_names = load_examples(spec, tokenizer, self.schedule.phases[0].train_data)
         self.stream = BlockStream(train_examples, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
-        self.strategy = get_strategy(plan.strategy)(self.job.strategy_config(plan), self.rt.ctx)
+        self.strategy = get_strategy(plan.strategy)(strategy_config(spec, plan), self.rt.ctx)
         seed_everything(spec.train.seed)  # same seed on every rank: identical init
         # PEFT wrappers and new task heads are built on the real model; plain causal-LM models under FSDP2
         # are built on the meta device and materialised shard by shard.
@@ -169,8 +170,6 @@ class Trainer:
         if self.gradual:
             self.log_stage(self.start_step + 1)
         if env.is_main and self.label_names is not None:
-            import json
-
             (self.job.run_dir / "labels.json").write_text(json.dumps({"id2label": dict(enumerate(self.label_names))}, indent=2))
 
         first, last = self.start_step + 1, self.schedule.last_step

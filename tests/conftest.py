@@ -80,3 +80,44 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(build_config(ModelSpec(config=TINY_LLAMA))).save_pretrained(folder)
     return folder
+
+
+def two_rank_job(tmp_path: Path, name: str, max_steps: int, every: int, collective_timeout_s: float, **train) -> Path:
+    """A tiny 2-rank CPU job logging every step, in its own run dir `tmp_path/name`: the shape of every
+    real-process checkpoint and stop test."""
+    spec = tiny_spec(
+        tmp_path,
+        train={"max_steps": max_steps, "log_every": 1, "lr": 3e-3, "collective_timeout_s": collective_timeout_s, **train},
+        hardware={"gpus_per_node": 2},
+        checkpoint={"every": every, "keep": 2},
+        output_dir=str(tmp_path / name),
+    )
+    return write_spec(tmp_path, spec, f"{name}.yaml")
+
+
+def metric_records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (a line still being written is skipped)."""
+    import json
+
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.endswith("}")]
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metric_records(run_dir) if "loss" in r}
+
+
+def wait_for(predicate, timeout: float = 120) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+def rank_processes(proc: subprocess.Popen) -> list:
+    """The rank processes under `ftl run` (torchrun's workers, not torchrun itself)."""
+    import psutil
+
+    cmdlines = [(p, " ".join(p.cmdline())) for p in psutil.Process(proc.pid).children(recursive=True)]
+    return [p for p, cmd in cmdlines if "launcher.train" in cmd and "torch.distributed.run" not in cmd]

@@ -21,25 +21,14 @@ from launcher.job import prepare_run_dir
 from launcher.model_info import model_shape
 from launcher.planner import plan, request_from_spec
 from launcher.spec import load_spec
-from tests.conftest import FTL, REPO, run_ftl, tiny_spec, write_spec
+from tests.conftest import FTL, REPO, rank_processes, run_ftl, two_rank_job, wait_for
+from tests.conftest import logged_losses as losses
 
 STEPS = 16
 
 
 def job(tmp_path: Path, name: str, **train) -> Path:
-    spec = tiny_spec(
-        tmp_path,
-        train={"max_steps": STEPS, "log_every": 1, "lr": 3e-3, "collective_timeout_s": 30, **train},
-        hardware={"gpus_per_node": 2},
-        checkpoint={"every": 4, "keep": 2},
-        output_dir=str(tmp_path / name),
-    )
-    return write_spec(tmp_path, spec, f"{name}.yaml")
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return two_rank_job(tmp_path, name, **{"max_steps": STEPS, **train}, every=4, collective_timeout_s=30)
 
 
 def ftl_ok(*args: str) -> subprocess.CompletedProcess:
@@ -92,22 +81,11 @@ def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def _ranks(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "launcher.train" in " ".join(p.cmdline())]
-
-
-def _wait_for(predicate, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.2)
-
-
 def test_kill_one_rank_fails_fast_and_rerun_resumes(tmp_path):
     spec = job(tmp_path, "killed", max_steps=4000, log_every=50)
     proc = _start("run", str(spec), "checkpoint.every=200")
-    _wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "latest").exists())
-    _ranks(proc)[-1].kill()  # SIGKILL one rank, mid-training
+    wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "latest").exists())
+    rank_processes(proc)[-1].kill()  # SIGKILL one rank, mid-training
     start = time.monotonic()
     code = proc.wait(timeout=60)
     assert code != 0 and time.monotonic() - start < 60
@@ -128,7 +106,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
          "-m", "tests.hosts.slow_publish_rank", str(loaded.output_dir), "20"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    _wait_for(lambda: (root / "step-8.tmp" / "trainer_state.rank1.json").exists(), timeout=180)
+    wait_for(lambda: (root / "step-8.tmp" / "trainer_state.rank1.json").exists(), timeout=180)
     for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
         process.kill()  # the whole tree at once (torchrun's workers have sessions of their own)
     proc.wait(timeout=30)
@@ -167,7 +145,7 @@ def test_missing_manifest_is_a_clear_error(tmp_path):
 def test_sigterm_saves_and_resume_continues(tmp_path):
     spec = job(tmp_path, "preempt", max_steps=4000, log_every=20)
     proc = _start("run", str(spec), "checkpoint.every=0")
-    _wait_for(lambda: (tmp_path / "preempt" / "metrics.jsonl").exists() and len(losses(tmp_path / "preempt")) >= 2)
+    wait_for(lambda: (tmp_path / "preempt" / "metrics.jsonl").exists() and len(losses(tmp_path / "preempt")) >= 2)
     proc.send_signal(signal.SIGTERM)  # to `ftl run`, which forwards it through torchrun to the ranks
     proc.wait(timeout=60)
     records = [json.loads(l) for l in (tmp_path / "preempt" / "metrics.jsonl").read_text().splitlines()]
@@ -209,7 +187,7 @@ def test_async_save_is_published_while_training_goes_on(tmp_path):
     args = ("checkpoint.async_save=true", "checkpoint.every=200")
     proc = _start("run", str(spec), *args)
     root = tmp_path / "published" / "checkpoints"
-    _wait_for(lambda: (root / "latest").exists())
+    wait_for(lambda: (root / "latest").exists())
     metrics = (tmp_path / "published" / "metrics.jsonl").read_text().splitlines(keepends=True)
     logged = max(json.loads(l)["step"] for l in metrics if l.endswith("\n") and '"loss"' in l)
     for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -20,44 +19,19 @@ from launcher.model_info import model_shape
 from launcher.outcome import EXIT_PREEMPTED
 from launcher.planner import plan, request_from_spec
 from launcher.spec import load_spec
-from tests.conftest import FTL, REPO, run_ftl, tiny_spec, write_spec
+from tests.conftest import FTL, REPO, rank_processes, run_ftl, two_rank_job, wait_for
+from tests.conftest import logged_losses as losses
+from tests.conftest import metric_records as records
 
 STEPS = 300
 
 
 def job(tmp_path: Path, name: str, **train) -> Path:
-    spec = tiny_spec(
-        tmp_path,
-        train={"max_steps": STEPS, "log_every": 1, "lr": 3e-3, "collective_timeout_s": 60, **train},
-        hardware={"gpus_per_node": 2},
-        checkpoint={"every": 0, "keep": 2},
-        output_dir=str(tmp_path / name),
-    )
-    return write_spec(tmp_path, spec, f"{name}.yaml")
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.endswith("}")]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+    return two_rank_job(tmp_path, name, **{"max_steps": STEPS, **train}, every=0, collective_timeout_s=60)
 
 
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([FTL, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
-    cmdlines = [(p, " ".join(p.cmdline())) for p in psutil.Process(proc.pid).children(recursive=True)]
-    return [p for p, cmd in cmdlines if "launcher.train" in cmd and "torch.distributed.run" not in cmd]
-
-
-def wait_for(predicate, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.1)
 
 
 def still_running(processes: list[psutil.Process]) -> list[psutil.Process]:
@@ -87,7 +61,7 @@ def test_stop_signal_to_ftl_run_checkpoints_exits_75_leaves_nothing_and_resumes_
     proc = start("run", str(spec))
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 3)
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    assert len(ranks_of(proc)) == 2
+    assert len(rank_processes(proc)) == 2
     os.kill(proc.pid, sig)  # to `ftl run` only, as Slurm's --signal=USR2 or `kill` would
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]
@@ -110,7 +84,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     run_dir = tmp_path / "onerank"
     proc = start("run", str(spec))
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(losses(run_dir)) >= 3)
-    ranks = sorted(ranks_of(proc), key=lambda p: p.pid)
+    ranks = sorted(rank_processes(proc), key=lambda p: p.pid)
     ranks[-1].send_signal(signal.SIGUSR2)  # only one rank hears it
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, output[-3000:]

@@ -14,7 +14,7 @@ from launcher.planner import plan
 from launcher.spec import load_spec
 from launcher.model_info import model_shape
 from launcher.planner import request_from_spec
-from launcher.job import RankJob
+from launcher.job import strategy_config
 from strategies.deepspeed_config import deepspeed_config
 from tests.conftest import REPO
 
@@ -25,7 +25,7 @@ GOLDEN = Path(__file__).parent / "golden"
 def test_config_matches_golden(strategy):
     spec = load_spec(REPO / "configs/llama3-8b-full.yaml", [f"strategy={strategy}"])
     job_plan = plan(request_from_spec(spec, model_shape(spec.model), "cuda"))
-    rendered = json.dumps(deepspeed_config(RankJob(spec.output_dir, spec, job_plan).strategy_config()), indent=2, sort_keys=True) + "\n"
+    rendered = json.dumps(deepspeed_config(strategy_config(spec, job_plan)), indent=2, sort_keys=True) + "\n"
     golden = GOLDEN / f"deepspeed-{strategy}.json"
     if os.environ.get("FTL_UPDATE_GOLDEN"):
         golden.write_text(rendered)
@@ -35,7 +35,7 @@ def test_config_matches_golden(strategy):
 def test_batch_size_follows_the_real_world_size():
     spec = load_spec(REPO / "configs/llama3-8b-full.yaml", ["strategy=zero2"])
     job_plan = plan(request_from_spec(spec, model_shape(spec.model), "cpu"))
-    config = deepspeed_config(RankJob(spec.output_dir, spec, job_plan).strategy_config(), world_size=2)
+    config = deepspeed_config(strategy_config(spec, job_plan), world_size=2)
     assert config["train_batch_size"] == 1 * 8 * 2
     assert config["bf16"]["enabled"] is False and config["zero_optimization"]["overlap_comm"] is False
 
