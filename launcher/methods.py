@@ -39,6 +39,11 @@ def head_names(model: torch.nn.Module, num_labels: int | None) -> list[str]:
     return found
 
 
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_head_param(name: str, heads: list[str]) -> bool:
     """Whether parameter `name` belongs to a head module, whatever wrappers (DDP's `module.`, PEFT's
     `base_model.model.`) prefix it: the head's path must appear as whole components of the name."""
@@ -174,12 +179,16 @@ def _peft(model: torch.nn.Module, method: MethodSpec, task: str, num_labels: int
 
 @torch.no_grad()
 def init_prompt_from_text(model: torch.nn.Module, token_ids: list[int]) -> None:
-    """Start the virtual tokens from the embeddings of `token_ids`, repeated to fill the prompt."""
+    """Start the virtual tokens from the embeddings of `token_ids`, repeated to fill the prompt. Works on
+    a sharded model too (the embedding table is gathered once; each rank keeps its part of the prompt)."""
+    from launcher.weights import full_value, set_full_value
+
     if not token_ids:
         raise FTLError("`method.prompt_tuning.init_text` tokenizes to nothing; give some words.")
     prompt = model.prompt_encoder["default"].embedding.weight
     ids = torch.tensor((token_ids * (prompt.shape[0] // len(token_ids) + 1))[: prompt.shape[0]])
-    prompt.copy_(model.get_input_embeddings()(ids.to(prompt.device)).to(prompt.dtype))
+    table = full_value(model.get_input_embeddings().weight)
+    set_full_value(prompt, table[ids.to(table.device)].to(prompt.dtype))
 
 
 def trainable_params(model: torch.nn.Module) -> int:

@@ -58,28 +58,32 @@ def build_model(
     label_names: list[str] | None = None,
     pad_token_id: int | None = None,
     device: torch.device | None = None,
-    strategy: str | None = None,
     attn_implementation: str | None = None,
+    four_bit: bool = False,
+    strategy: str | None = None,
 ) -> torch.nn.Module:
     """The job's model with its method applied: fp32 on the CPU (or 4-bit on `device` for QLoRA), loaded
-    or randomly initialised (seeded by the caller), in train mode. `strategy`: the planned one (how a
-    4-bit base is stored depends on it); default the spec's forced one, else ddp's layout.
+    or randomly initialised (seeded by the caller), in train mode.
 
     With `meta`, parameters stay on the meta device (buffers are real: they are computed, not loaded)
-    and the strategy materialises them shard by shard; see strategies/fsdp2.py. `attn_implementation`
-    (meta only) is for launcher/measure.py, which traces this same model.
+    and the strategy materialises them shard by shard (strategies/fsdp2.py, launcher/weights.py); with
+    `four_bit` too (a QLoRA rank's build), the block Linears are bitsandbytes 4-bit layers whose packed
+    weights are still on meta. `strategy`: the planned one (a whole 4-bit base is stored for it; default
+    ddp's layout). `attn_implementation` (meta only) is for launcher/measure.py, which traces
+    this same model.
     """
     config = task_config(spec, label_names, pad_token_id)
     cls = auto_class(spec)
-    strategy = strategy or (spec.strategy if spec.strategy != "auto" else "ddp")
     try:
         if meta:
             extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             with init_empty_weights(include_buffers=False):
                 model = cls.from_config(config, dtype=torch.float32, **extra)
             model.tie_weights()  # init_empty_weights re-registers parameters, which unties shared ones
+            if four_bit:
+                four_bit_skeleton(model, spec, four_bit_compute_dtype(spec, (device or torch.device("cpu")).type))
         elif spec.method.name == "qlora":
-            model = _load_4bit(spec, config, cls, device or torch.device("cpu"), traits(strategy).dtensor_params)
+            model = _load_4bit(spec, config, cls, device or torch.device("cpu"), traits(strategy or "ddp").dtensor_params)
         elif pretrained_weights(spec) is not None:
             model = cls.from_pretrained(spec.model.name_or_path, config=config, local_files_only=True, dtype=torch.float32)
         else:
@@ -110,20 +114,57 @@ def count_trainable(spec: JobSpec) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device, storage_as_compute: bool) -> torch.nn.Module:
-    """QLoRA's base: the block Linears quantised to 4 bits by bitsandbytes as they load.
+def four_bit_compute_dtype(spec: JobSpec, device_type: str) -> torch.dtype:
+    qlora = spec.method.qlora
+    choice = resolve_precision(spec.train.precision, device_type) if qlora.compute_dtype == "auto" else qlora.compute_dtype
+    return torch.bfloat16 if choice == "bf16" else torch.float32
 
-    bitsandbytes quantises in `from_pretrained` only, so a random-init job first writes its random model
-    to a temporary folder. With `storage_as_compute` (strategies whose parameters become DTensor shards:
-    FSDP2) the 4-bit storage dtype is the compute dtype, so that sharding and mixed-precision casts move
-    the packed bytes as opaque elements instead of converting them.
+
+def four_bit_skeleton(model: torch.nn.Module, spec: JobSpec, compute: torch.dtype) -> None:
+    """Replace every Linear outside the task head by a bitsandbytes 4-bit layer whose weight is the packed
+    4-bit data, still on meta, so FSDP2 shards the packed bytes (launcher/weights.py quantises each weight
+    into its shards). The packed storage dtype is the compute dtype: sharding and mixed-precision casts
+    then move the bytes as opaque elements (Answer.AI's FSDP-QLoRA storage choice)."""
+    import bitsandbytes as bnb
+
+    qlora = spec.method.qlora
+    skip = set(head_names(model, spec.task.num_labels if spec.task.name == "classification" else None))
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or name in skip:
+            continue
+        layer = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute,
+            compress_statistics=qlora.double_quant, quant_type=qlora.quant_type, quant_storage=compute, device="meta",
+        )
+        packed = torch.empty(((module.in_features * module.out_features + 1) // (compute.itemsize * 2), 1), dtype=compute, device="meta")
+        layer.weight = bnb.nn.Params4bit(
+            packed, requires_grad=False, compress_statistics=qlora.double_quant, quant_type=qlora.quant_type,
+            quant_storage=compute, module=layer, bnb_quantized=True,
+        )
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+
+
+def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Frozen parameters in the compute dtype: they need no fp32 master copy (nothing updates them), so
+    a LoRA base costs 2 B a parameter in bf16, not 4 (torchtune stores its LoRA base the same way). 4-bit
+    weights keep their packed storage."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point() and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(dtype)
+
+
+def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device, storage_as_compute: bool) -> torch.nn.Module:
+    """A whole QLoRA base (DDP, ZeRO-1/2, or a random FSDP2 base: see launcher/trainer.py): the block
+    Linears quantised to 4 bits by bitsandbytes as they load. bitsandbytes quantises in `from_pretrained`
+    only, so a random-init job first writes its random model to a temporary folder. `storage_as_compute`
+    (FSDP2): the packed storage dtype is the compute dtype, as in four_bit_skeleton.
     """
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
     qlora = spec.method.qlora
-    choice = resolve_precision(spec.train.precision, device.type) if qlora.compute_dtype == "auto" else qlora.compute_dtype
-    compute = torch.bfloat16 if choice == "bf16" else torch.float32
+    compute = four_bit_compute_dtype(spec, device.type)
     with init_empty_weights():
         skeleton = cls.from_config(config)
     skip = head_names(skeleton, spec.task.num_labels if spec.task.name == "classification" else None)

@@ -28,19 +28,21 @@ from launcher.methods import (
     check_supported,
     first_step_gradient_problem,
     head_names,
+    hf_model,
     init_prompt_from_text,
     unfreeze_top_blocks,
     unfrozen_blocks_at,
 )
 from launcher.metrics import MetricsLog, memory_record
 from launcher.model_info import transformer_blocks
-from launcher.modeling import build_model, build_optimizer, build_scheduler, pretrained_weights
+from launcher.modeling import build_model, build_optimizer, build_scheduler, four_bit_compute_dtype, pretrained_weights, store_frozen_in
 from launcher.outcome import Outcome, Result
 from launcher.planner import Plan
 from launcher.runtime import RankRuntime
 from launcher.schedule import Schedule
 from launcher.stop import StopSource
 from launcher.train_state import TrainerState, capture_rng, restore_rng, spec_fingerprint
+from launcher.weights import FourBit, ModelWeights
 from strategies.catalog import traits
 from strategies.registry import check_pinned_memory, get_strategy
 
@@ -81,21 +83,30 @@ class Trainer:
         self.stream = BlockStream(train_examples, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
         self.strategy = get_strategy(plan.strategy)(strategy_config(spec, plan), self.rt.ctx)
         seed_everything(spec.train.seed)  # same seed on every rank: identical init
-        # PEFT wrappers and new task heads are built on the real model; plain causal-LM models under FSDP2
-        # are built on the meta device and materialised shard by shard.
-        meta = self.strategy.meta_init and spec.task.name == "causal_lm" and not spec.method.is_peft
+        # Strategies that shard (FSDP2) get the model on the meta device, method applied, and materialise it
+        # shard by shard (launcher/weights.py): no rank holds the whole model, whatever the method or task.
+        # Except a random base that checkpoints will not hold (PEFT saves adapters only): it must come back
+        # from the seed alone, in the export too, so it is drawn whole as a plain build draws it. Only
+        # small test and demo models put adapters on random weights.
+        meta = self.strategy.meta_init and (pretrained_weights(spec) is not None or not spec.method.is_peft)
         model = build_model(
-            spec, meta=meta, label_names=self.label_names, pad_token_id=tokenizer.pad_token_id, device=device, strategy=plan.strategy
+            spec, meta=meta, label_names=self.label_names, pad_token_id=tokenizer.pad_token_id, device=device,
+            four_bit=meta and spec.method.name == "qlora", strategy=plan.strategy,
         )
         check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+        prompt_ids = ()
         if spec.method.name == "prompt_tuning" and spec.method.prompt_tuning.init == "text":
-            init_prompt_from_text(model, tokenizer(spec.method.prompt_tuning.init_text, add_special_tokens=False)["input_ids"])
+            prompt_ids = tuple(tokenizer(spec.method.prompt_tuning.init_text, add_special_tokens=False)["input_ids"])
+            if not meta:
+                init_prompt_from_text(model, list(prompt_ids))
         heads = head_names(model, spec.task.num_labels)
         self.blocks = transformer_blocks(model)
         self.gradual = spec.method.name == "gradual_unfreezing"
         self.unfrozen = 0
         if self.gradual:
             self.unfrozen = unfreeze_top_blocks(self.blocks, unfrozen_blocks_at(spec.method, self.start_step + 1, len(self.blocks)))
+        elif traits(plan.strategy).library == "torch":  # DeepSpeed converts the whole model itself
+            store_frozen_in(model, self.rt.ctx.compute_dtype)
         new_head = spec.task.name == "classification"
 
         def make_optimizer(wrapped: torch.nn.Module) -> torch.optim.Optimizer:
@@ -107,7 +118,16 @@ class Trainer:
         if not meta and spec.method.name != "qlora":  # 4-bit weights are placed on the device as they load
             model = model.to(device)
         self.model = model
-        self.strategy.setup(model, self.blocks, make_optimizer, pretrained_weights(spec))
+        weights = None
+        if meta:
+            weights = ModelWeights(
+                pretrained_weights(spec), spec.train.seed, env.rank, device,
+                new_modules=tuple(head_names(hf_model(model), spec.task.num_labels)) if new_head else (),
+                four_bit=FourBit(spec.method.qlora.quant_type, spec.method.qlora.double_quant, four_bit_compute_dtype(spec, device.type))
+                if spec.method.name == "qlora" else None,
+                prompt_token_ids=prompt_ids,
+            )
+        self.strategy.setup(model, self.blocks, make_optimizer, weights)
         self.scheduler = build_scheduler(self.strategy.optimizer, spec.train)
         seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
         self.validation = None

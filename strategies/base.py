@@ -40,6 +40,12 @@ class RankContext:
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
+class Weights(Protocol):
+    """What fills a model a meta-initialising strategy has just allocated (each rank its own shards)."""
+
+    def fill(self, model: torch.nn.Module) -> None: ...
+
+
 class Strategy(Protocol):
     name: str
     meta_init: bool  # True: the loop builds the model on the meta device and setup() materialises it
@@ -49,11 +55,11 @@ class Strategy(Protocol):
     def __init__(self, config: StrategyConfig, ctx: RankContext) -> None: ...
 
     def setup(
-        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None
     ) -> None:
         """Wrap `model` (whose repeated transformer blocks are `blocks`) and build its optimizer over the
         wrapped parameters. Unless `meta_init`, the model arrives loaded on ctx.device; with it, on meta,
-        and `weights` (a HF folder, or None for random init) says what to materialise it with."""
+        and `weights` fills it once it is sharded and allocated."""
 
     def accumulate(self, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch's forward+backward; gradients sync across ranks only if `sync`."""

@@ -46,8 +46,9 @@ STRATEGIES: dict[str, StrategyTraits] = {
         StrategyTraits("zero3_offload", "deepspeed", 4, zero_stage=3, offload=True, grads_in_param=False),
     )
 }
-# The planner's order when `strategy: auto`: least communication first.
-AUTO_ORDER = ("ddp", "zero1", "zero2", "fsdp2", "zero3_offload")
+# The planner's order when `strategy: auto`: least communication first. Of the two offloading ones,
+# DeepSpeed's steps the optimizer with its CPU Adam kernel; FSDP2's is there for what ZeRO-3 refuses (QLoRA).
+AUTO_ORDER = ("ddp", "zero1", "zero2", "fsdp2", "zero3_offload", "fsdp2_offload")
 
 
 def traits(strategy: str) -> StrategyTraits:
@@ -68,8 +69,6 @@ def refusal(method: str, strategy: str, device: str) -> str:
             f"{strategy} (ZeRO-3) partitions parameters by flattening them, which breaks QLoRA's packed 4-bit weights "
             "and their quantisation state"
         )
-    if method == "qlora" and t.offload and t.library == "torch":
-        return f"{strategy} moves parameters to host memory between uses, which bitsandbytes' 4-bit weights do not survive in FTL"
     return ""
 
 

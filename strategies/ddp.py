@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from strategies.base import OptimizerFactory, RankContext
+from strategies.base import OptimizerFactory, RankContext, Weights
 from strategies.config import StrategyConfig
 from strategies.dcp_state import ReusedBufferStager, load_model_and_optimizer, save_model_and_optimizer
 
@@ -24,7 +24,7 @@ class DDPStrategy:
         self.stager = ReusedBufferStager()  # host buffers for background saves, kept from one save to the next
 
     def setup(
-        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None = None
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None = None
     ) -> None:
         # `blocks` and `weights` are unused: the model arrives loaded (DDP has no meta-device init).
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None

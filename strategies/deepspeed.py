@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from strategies.base import OptimizerFactory, RankContext
+from strategies.base import OptimizerFactory, RankContext, Weights
 from strategies.config import StrategyConfig
 from strategies.deepspeed_config import deepspeed_config
 from strategies.errors import FTLError
@@ -79,7 +79,7 @@ class DeepSpeedStrategy:
         self.ds_config = deepspeed_config(config, ctx.world_size)
 
     def setup(
-        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None = None
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None = None
     ) -> None:
         deepspeed = import_deepspeed()
         optimizer = build_optimizer(model)

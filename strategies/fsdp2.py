@@ -2,28 +2,25 @@
 states are sharded (DTensor, dim 0) over the shard group; with several nodes the mesh is 2-D (HSDP:
 shard within a node, replicate across nodes). `fsdp2_offload` keeps the shards in CPU memory.
 
-The model arrives on the meta device and is materialised shard by shard: no rank ever holds the full
-model. Weights then come either from the local folder's safetensors, one tensor at a time (each rank
-keeps only its slice), or from a random init of the local shards.
+The model arrives on the meta device, method applied, and is materialised shard by shard: no rank ever
+holds the full model. What fills the shards (a folder's safetensors, a random init, 4-bit quantisation,
+adapter init) is the caller's `Weights` (launcher/weights.py).
 """
 
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from strategies.base import OptimizerFactory, RankContext
+from strategies.base import OptimizerFactory, RankContext, Weights
 from strategies.config import StrategyConfig
 from strategies.dcp_state import ReusedBufferStager, load_model_and_optimizer, save_model_and_optimizer
-from strategies.errors import FTLError
 
 
 class FSDP2Strategy:
@@ -45,13 +42,13 @@ class FSDP2Strategy:
         return init_device_mesh(self.ctx.device.type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
     def setup(
-        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Path | None = None
+        self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None = None
     ) -> None:
         buffers = {name: buf.detach().clone() for name, buf in model.named_buffers() if buf.device.type != "meta"}
         mesh = self.mesh()
         if self.ctx.compute_dtype == torch.float32:
             mp = MixedPrecisionPolicy()
-        else:  # compute in bf16, reduce gradients in fp32: the sharded fp32 params are the master copy
+        else:  # compute in bf16, reduce gradients in fp32: trainable params are sharded fp32 master copies
             mp = MixedPrecisionPolicy(param_dtype=self.ctx.compute_dtype, reduce_dtype=torch.float32)
         offload = CPUOffloadPolicy(pin_memory=self.ctx.device.type == "cuda") if self.offload else OffloadPolicy()
         for block in blocks:
@@ -60,16 +57,15 @@ class FSDP2Strategy:
         fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
 
         if any(p.is_meta for p in model.parameters()):
+            if weights is None:
+                raise RuntimeError("a model on the meta device needs the Weights that fill its shards")
             model.to_empty(device="cpu" if self.offload else self.ctx.device)
             with torch.no_grad():
                 for name, buf in buffers.items():  # non-persistent buffers (e.g. RoPE inv_freq) were real: restore
                     model.get_buffer(name).copy_(buf)
-                if weights is None:
-                    init_local_shards(model, self.ctx.rank)
-                else:
-                    load_safetensors_into_shards(model, weights)
-        # else: the model arrived built (PEFT wrappers, new task heads, 4-bit bases) and fully_shard has
-        # already kept only this rank's shard of each parameter.
+                weights.fill(model)
+        # else: the model arrived built (see launcher/trainer.py for when) and fully_shard has kept only this
+        # rank's shard of each parameter.
         self.model = model
         self.optimizer = build_optimizer(model)
 
@@ -104,45 +100,3 @@ class FSDP2Strategy:
 class FSDP2OffloadStrategy(FSDP2Strategy):
     name = "fsdp2_offload"
     offload = True
-
-
-def init_local_shards(model: torch.nn.Module, rank: int) -> None:
-    """Random init of each rank's shards with the model's own init rule; seeded per rank so that the
-    shards of one tensor are independent draws rather than copies."""
-    torch.manual_seed(torch.initial_seed() + rank)
-    # `_init_weights` is the model's per-module init rule; `initialize_weights()` would skip every module
-    # already flagged as initialised by from_config, which under meta init means all of them.
-    with warnings.catch_warnings():  # on a CPU mesh each rank draws its local shard itself: intended here
-        warnings.filterwarnings("ignore", message="DTensor random operators")
-        model.apply(model._init_weights)
-
-
-def load_safetensors_into_shards(model: torch.nn.Module, folder: Path) -> None:
-    """Stream a HF folder's safetensors into the sharded parameters, one tensor at a time: each rank
-    reads the tensor and keeps only its own slice (no collective, no full model in memory)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise FTLError(f"The model folder {folder} has no *.safetensors files; FSDP2 loads weights from safetensors.")
-    params = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as fh:
-            for key in fh.keys():
-                param = params.get(key)
-                if param is None:
-                    continue
-                full = fh.get_tensor(key).to(param.dtype)
-                if isinstance(param, DTensor):
-                    local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-                    param.to_local().copy_(local)
-                else:
-                    param.copy_(full)
-                loaded.add(key)
-    missing = set(params) - loaded - _tied_names(model)
-    if missing:
-        raise FTLError(f"The safetensors in {folder} lack {len(missing)} parameters of the model, e.g. {sorted(missing)[:3]}.")
-
-
-def _tied_names(model: torch.nn.Module) -> set[str]:
-    tied = getattr(model, "all_tied_weights_keys", None) or {}
-    return set(tied)

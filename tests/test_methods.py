@@ -21,6 +21,7 @@ CASES = {
     "lora-ddp": dict(method={"name": "lora", "lora": {"r": 8}}, data=LM_VAL, strategy="ddp"),
     "lora-fsdp2": dict(method={"name": "lora", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}, data=LM_VAL, strategy="fsdp2"),
     "qlora-fsdp2": dict(method={"name": "qlora", "lora": {"r": 8}}, data=LM_VAL, strategy="fsdp2"),
+    "qlora-fsdp2-offload": dict(method={"name": "qlora", "lora": {"r": 8}}, data=LM_VAL, strategy="fsdp2_offload"),
     "qlora-zero2": dict(method={"name": "qlora", "lora": {"r": 8}}, data=LM_VAL, strategy="zero2"),
     "prompt-text": dict(
         method={"name": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 8, "init": "text", "init_text": "Ada has"}},
