@@ -20,8 +20,19 @@ demo: setup
 	$(BIN)/ftl plan configs/quickstart.yaml
 	$(BIN)/ftl run configs/quickstart.yaml --no-resume
 
+# The Slurm tests use a real local Slurm; where it cannot start (not root, no apt) they skip and say why.
 test: setup
+	bash tests/slurm/start-local-slurm.sh || echo "make test: the local Slurm did not start (reason above)"
 	$(BIN)/python -m pytest -q
+
+.PHONY: slurm-up slurm-down
+
+# A two-node Slurm on this machine (tests/slurm/README.md); idempotent, left running for other users.
+slurm-up:
+	bash tests/slurm/start-local-slurm.sh
+
+slurm-down:
+	bash tests/slurm/stop-local-slurm.sh
 
 clean:
 	rm -rf $(VENV) runs
