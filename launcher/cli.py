@@ -15,6 +15,7 @@ from rich.table import Table
 
 from launcher.errors import FTLError
 from launcher.job import deepspeed_json, prepare_run_dir
+from launcher.manage import add_commands as add_cluster_commands
 from launcher.memory import MemoryBreakdown
 from launcher.planner import HEADROOM, Plan, estimate, plan, request_from_spec
 from launcher.spec import JobSpec, load_spec
@@ -76,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--to", type=Path, required=True, metavar="OUT", help="the folder to write (new or empty)")
     e.add_argument("--merge", action="store_true", help="LoRA/QLoRA: merge the adapters into the base and write the whole model")
     e.set_defaults(func=cmd_export)
+
+    add_cluster_commands(sub, job_command)
 
     s = sub.add_parser("spec", help="Show the job spec's fields.")
     s.add_argument("--schema", action="store_true", help="print the JSON schema with every field's meaning")
@@ -289,21 +292,16 @@ def preflight(spec: JobSpec, rdzv_endpoint: str | None = None) -> Plan:
 
 
 def exit_code_of(torchrun_code: int, run_dir: Path) -> int:
-    """`ftl run`'s exit code: torchrun reports any non-zero worker exit (the pre-emption code included)
-    as its own 1, so the outcome rank 0 wrote (launcher/outcome.py) says whether the job was pre-empted
-    with its checkpoint saved (EXIT_PREEMPTED: requeue me) or failed."""
-    from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, Outcome, read_outcome
+    """`ftl run`'s exit code (launcher.outcome.launcher_exit_code), with what happened said once."""
+    from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, launcher_exit_code, read_outcome
 
     result = read_outcome(run_dir)
-    if torchrun_code == 0 or result is None:
-        return torchrun_code
-    if result.outcome is Outcome.PREEMPTED:
+    code = launcher_exit_code(torchrun_code, result)
+    if code == EXIT_PREEMPTED:
         console.print(f"[bold yellow]pre-empted[/] ({escape(result.detail)}): checkpoint {result.checkpoint}; rerun to resume (exit {EXIT_PREEMPTED})")
-        return EXIT_PREEMPTED
-    if result.outcome is Outcome.ERROR:
+    elif code == EXIT_USER_ERROR and torchrun_code != EXIT_USER_ERROR:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(result.detail)}")
-        return EXIT_USER_ERROR
-    return torchrun_code
+    return code
 
 
 def _check_devices(spec: JobSpec, device: str) -> None:

@@ -66,3 +66,16 @@ def read_outcome(run_dir: Path) -> Result | None:
 def clear_outcome(run_dir: Path) -> None:
     """Before a launch: an outcome left by an earlier run must not be read as this one's."""
     (run_dir / OUTCOME_FILE).unlink(missing_ok=True)
+
+
+def launcher_exit_code(torchrun_code: int, result: Result | None) -> int:
+    """What a launcher (`ftl run`, a Slurm step) exits with: torchrun reports any non-zero worker exit (the
+    pre-emption code included) as its own 1, so the outcome rank 0 wrote says whether the job was
+    pre-empted with its checkpoint saved (EXIT_PREEMPTED: requeue me) or stopped on a user error."""
+    if torchrun_code == 0 or result is None:
+        return torchrun_code
+    if result.outcome is Outcome.PREEMPTED:
+        return EXIT_PREEMPTED
+    if result.outcome is Outcome.ERROR:
+        return EXIT_USER_ERROR
+    return torchrun_code

@@ -1,0 +1,178 @@
+"""`ftl submit`, `ftl status`, `ftl cancel`, `ftl logs`: jobs handed to a cluster (Slurm: cluster/slurm.py).
+The host side only: plan once, write the run dir (spec + plan, the contract the ranks run), render and
+submit; then read the run dir and ask the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from launcher.errors import FTLError
+
+
+def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
+    s = job_command("submit", "Plan the job, write its run dir and submit it to a cluster scheduler.")
+    s.add_argument("--to", choices=["slurm"], required=True, help="the scheduler")
+    s.add_argument("--partition", help="Slurm partition")
+    s.add_argument("--account", help="Slurm account")
+    s.add_argument("--qos", help="Slurm QOS")
+    s.add_argument("--time", help="time limit, e.g. 04:00:00 (the job is signalled to checkpoint before it)")
+    s.add_argument("--constraint", help="Slurm node features, e.g. a100")
+    s.add_argument("--exclusive", action="store_true", help="whole nodes only")
+    s.add_argument("--gpus-per-node", type=int, dest="gpus", metavar="G", help="= --gpus")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs per node's task (default 8 per GPU, or one per CPU rank)")
+    s.add_argument("--container-image", help="run the step in this container (pyxis `--container-image`)")
+    s.add_argument("--max-failures", type=int, default=2, help="failed attempts after which the job is no longer requeued (pre-emptions never count)")
+    s.add_argument("--max-stalled", type=int, default=3, help="attempts in a row ending at the same checkpoint after which it is not requeued either")
+    s.add_argument("--no-resume", action="store_true", help="start fresh instead of resuming from the run dir's checkpoint")
+    s.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
+    s.set_defaults(func=cmd_submit)
+
+    for name, func, text in (
+        ("status", cmd_status, "State of a submitted job: scheduler state, restarts, last step, loss, checkpoint, ETA."),
+        ("cancel", cmd_cancel, "Cancel a submitted job."),
+        ("logs", cmd_logs, "Print a submitted job's log (the scheduler's output file)."),
+    ):
+        c = sub.add_parser(name, help=text, description=text)
+        c.add_argument("target", help="the run dir (output_dir) or the job id")
+        if name == "logs":
+            c.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows, until the job ends")
+        c.set_defaults(func=func)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from cluster.slurm import SlurmOptions, render_sbatch, submit
+    from launcher.cli import console, load_job, make_job_plan, print_plan, job_command
+    from launcher.job import prepare_run_dir
+    from strategies.registry import check_available
+
+    spec = load_job(args)
+    if spec.hardware.device == "auto":
+        # The plan is made here, on a login node that may have no GPU: a Slurm job runs on GPU nodes unless
+        # the spec says otherwise.
+        spec = spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": "cuda"})})
+        console.print("[dim]hardware.device auto: planning for CUDA nodes (set hardware.device: cpu for CPU nodes)[/]")
+    job_plan = make_job_plan(spec)
+    if not job_plan.fits:
+        print_plan(job_plan, job_command(spec, job_plan))
+        raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
+    check_available(job_plan.strategy)
+    options = SlurmOptions(
+        partition=args.partition, account=args.account, qos=args.qos, time=args.time, constraint=args.constraint,
+        exclusive=args.exclusive, container_image=args.container_image, cpus_per_task=args.cpus_per_task,
+        max_failures=args.max_failures, max_stalled=args.max_stalled,
+    )
+    request = job_plan.request
+    script = render_sbatch(spec.output_dir, request.nodes, request.gpus_per_node, request.device, job_plan.save_grace_s, options)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
+    job_id = submit(spec.output_dir, script)
+    console.print(
+        f"[bold]FTL[/] submitted job {job_id}: {job_plan.strategy} on {request.nodes} node(s) x {request.gpus_per_node} -> "
+        f"{escape(str(spec.output_dir))}\n  log: {escape(str(spec.output_dir / f'slurm-{job_id}.out'))}\n"
+        f"  ftl status {escape(str(spec.output_dir))}"
+    )
+    return 0
+
+
+def resolve_target(target: str) -> tuple[Path, str]:
+    """(run dir, current job id) from a run dir or a job id."""
+    from cluster.slurm import job_state, read_ledger
+
+    path = Path(target)
+    if path.is_dir():
+        submitted = [e["job_id"] for e in read_ledger(path) if e.get("event") == "submitted"]
+        if not submitted:
+            raise FTLError(f"{path} has no {path / 'slurm-ledger.jsonl'} with a submission: it was not submitted with `ftl submit`.")
+        return path, submitted[-1]
+    state = job_state(target)
+    if not state:
+        raise FTLError(f"{target!r} is neither a run dir nor a job id Slurm knows (`scontrol show job {target}` finds nothing).")
+    return Path(state.get("WorkDir", ".")), target
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cluster.slurm import checkpoint_step, job_state, read_ledger
+    from launcher.cli import console
+    from launcher.job import RankJob
+
+    run_dir, job_id = resolve_target(args.target)
+    state = job_state(job_id)
+    ledger = read_ledger(run_dir)
+    ends = [e for e in ledger if e.get("event") == "ended"]
+    records = _metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    max_steps = RankJob.read(run_dir).spec.train.max_steps if (run_dir / "spec.yaml").is_file() else None
+    table = Table(show_header=False, box=None)
+    table.add_row("job", f"{job_id} ({state.get('JobState', 'unknown to Slurm')}{', ' + state['Reason'] if state.get('Reason', 'None') != 'None' else ''})")
+    table.add_row("run dir", str(run_dir))
+    causes = ", ".join(f"{e['cause']} at step {e['step']} -> {e['decision']}" for e in ends) or "none"
+    table.add_row("attempts", f"{len(ends)} ended ({causes})")
+    if steps:
+        last = steps[-1]
+        table.add_row("step", f"{last['step']}" + (f" / {max_steps}" if max_steps else ""))
+        table.add_row("loss", f"{last['loss']:.4f}")
+        table.add_row("tokens/s", f"{last.get('tokens_per_s', 0):,.0f}")
+        eta = _eta_s(steps, max_steps)
+        if eta is not None and state.get("JobState") == "RUNNING":
+            table.add_row("ETA", time.strftime("%H:%M:%S", time.gmtime(eta)))
+    table.add_row("checkpoint", f"step {checkpoint_step(run_dir)}")
+    console.print(table)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from cluster.slurm import append_ledger, cancel
+    from launcher.cli import console
+
+    run_dir, job_id = resolve_target(args.target)
+    cancel(job_id)
+    append_ledger(run_dir, {"event": "cancelled", "job_id": job_id})
+    console.print(f"cancelled job {job_id} ({escape(str(run_dir))}); its last checkpoint stays; `ftl submit` again resumes from it")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from cluster.slurm import job_state
+
+    run_dir, job_id = resolve_target(args.target)
+    log = run_dir / f"slurm-{job_id}.out"
+    position = 0
+    while True:
+        if log.is_file():
+            with open(log, errors="replace") as fh:
+                fh.seek(position)
+                chunk = fh.read()
+                position = fh.tell()
+            print(chunk, end="", flush=True)
+        if not args.follow or job_state(job_id).get("JobState") in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
+            return 0
+        time.sleep(1)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line still being written
+    return out
+
+
+def _eta_s(steps: list[dict], max_steps: int | None) -> float | None:
+    if max_steps is None or len(steps) < 2 or "elapsed_s" not in steps[-1]:
+        return None
+    a, b = steps[-2], steps[-1]
+    rate = (b["step"] - a["step"]) / max(b["elapsed_s"] - a["elapsed_s"], 1e-9)
+    return (max_steps - b["step"]) / rate if rate > 0 else None
