@@ -299,7 +299,7 @@ def exit_code_of(torchrun_code: int, run_dir: Path) -> int:
     code = launcher_exit_code(torchrun_code, result)
     if code == EXIT_PREEMPTED:
         console.print(f"[bold yellow]pre-empted[/] ({escape(result.detail)}): checkpoint {result.checkpoint}; rerun to resume (exit {EXIT_PREEMPTED})")
-    elif code == EXIT_USER_ERROR and torchrun_code != EXIT_USER_ERROR:
+    elif code == EXIT_USER_ERROR and result is not None:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(result.detail)}")
     return code
 
