@@ -6,7 +6,8 @@ This is the only planner input that touches torch; the result is a frozen `Model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -32,6 +33,18 @@ class ModelShape:
     block_linear_dims: int = 0  # sum of in+out features over those layers (LoRA adds r * this per block)
     block_linear_count: int = 0
     params_largest_tensor: int = 0  # the biggest single parameter (usually the embedding or the head)
+    params_lm_head: int = 0  # the output head when it is not tied to the input embedding (part of params_embedding)
+
+    def with_classification_head(self, num_labels: int) -> "ModelShape":
+        """The same body with a new `num_labels`-output head in place of the LM head, as HF's
+        *ForSequenceClassification builds it (a tied head leaves the embedding, which stays)."""
+        head = self.hidden_size * num_labels
+        return replace(
+            self,
+            params_total=self.params_total - self.params_lm_head + head,
+            params_embedding=self.params_embedding - self.params_lm_head + head,
+            params_lm_head=0,
+        )
 
 
 def build_config(spec: ModelSpec) -> PretrainedConfig:
@@ -58,15 +71,14 @@ def _shape_of(config: PretrainedConfig) -> ModelShape:
     largest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
     embedding = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings()
-    if head is not None and head.weight is not model.get_input_embeddings().weight:
-        embedding += head.weight.numel()
+    untied_head = head.weight.numel() if head is not None and head.weight is not model.get_input_embeddings().weight else 0
     linears = {name: mod for name, mod in largest.named_modules() if isinstance(mod, torch.nn.Linear)}
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = _first(text, "hidden_size", "n_embd", "d_model")
     heads = _first(text, "num_attention_heads", "n_head")
     return ModelShape(
         params_total=params_total,
-        params_embedding=embedding,
+        params_embedding=embedding + untied_head,
         params_largest_block=sum(p.numel() for p in largest.parameters()),
         num_layers=len(blocks),
         hidden_size=hidden,
@@ -79,6 +91,7 @@ def _shape_of(config: PretrainedConfig) -> ModelShape:
         block_linear_dims=sum(m.in_features + m.out_features for m in linears.values()),
         block_linear_count=len(linears),
         params_largest_tensor=max(p.numel() for p in model.parameters()),
+        params_lm_head=untied_head,
     )
 
 

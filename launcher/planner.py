@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from launcher.memory import GiB, MemoryBreakdown, MemoryInputs, per_rank_memory
+from launcher.memory import (
+    NF4_CONSTANT_BYTES_PER_PARAM,
+    NF4_DATA_BYTES_PER_PARAM,
+    GiB,
+    MemoryBreakdown,
+    MemoryInputs,
+    per_rank_memory,
+)
 from launcher.model_info import ModelShape
 from launcher.spec import JobSpec
 from strategies.catalog import AUTO_ORDER, STRATEGIES, refusal
@@ -22,8 +29,7 @@ SHARDING_LEVEL = {name: t.sharding_level for name, t in STRATEGIES.items()}
 # the time a pre-empted job is given to save. Generous on purpose; a job that saves faster exits sooner.
 CHECKPOINT_WRITE_BYTES_PER_S = 200 * 10**6
 MIN_SAVE_GRACE_S = 120
-# NF4 weight (4 bits) plus double-quantised constants (0.127 bits/param, Dettmers et al., QLoRA 2023).
-NF4_BYTES_PER_PARAM = (4 + 0.127) / 8
+NF4_BYTES_PER_PARAM = NF4_DATA_BYTES_PER_PARAM + NF4_CONSTANT_BYTES_PER_PARAM
 SUGGESTED_LORA_RANK = 16
 
 
@@ -44,6 +50,8 @@ class PlanRequest:
     strategy: str = "auto"
     method: str = "full"
     lora_rank: int = 0
+    lora_dropout: float = 0.0
+    num_labels: int = 0  # > 0: `task: classification` (the shape has its head, not the LM head)
 
     @property
     def world_size(self) -> int:
@@ -61,6 +69,9 @@ class PlanRequest:
             seq_len=self.seq_len,
             activation_checkpointing=self.activation_checkpointing,
             lora_rank=self.lora_rank,
+            lora_dropout=self.lora_dropout,
+            num_labels=self.num_labels,
+            quantized=self.method == "qlora",
         )
 
 
@@ -152,9 +163,13 @@ class Plan:
 def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trainable: int | None = None) -> PlanRequest:
     """The planner's view of a job. `device` is the resolved one ("cuda" or "cpu"): resolving `auto`
     means looking at the machine, which the caller does. `params_trainable` is counted by the caller on
-    the meta-device model with the method applied (launcher.modeling.count_trainable); default: all."""
+    the meta-device model with the method applied (launcher.modeling.count_trainable); default: all.
+    `shape` is the causal LM's (model_info.model_shape); a classification task swaps its head here."""
     precision = resolve_precision(spec.train.precision, device)
     method = spec.method
+    num_labels = spec.task.num_labels if spec.task.name == "classification" else 0
+    if num_labels:
+        shape = shape.with_classification_head(num_labels)
     frozen_bytes = 2 if precision == "bf16" else 4
     if method.name == "qlora":
         frozen_bytes = qlora_frozen_bytes_per_param(shape, precision)
@@ -174,6 +189,8 @@ def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trai
         strategy=spec.strategy,
         method=method.name,
         lora_rank=method.lora.r if method.lora is not None else 0,
+        lora_dropout=method.lora.dropout if method.lora is not None else 0.0,
+        num_labels=num_labels,
     )
 
 
@@ -325,11 +342,21 @@ def suggestions(request: PlanRequest) -> tuple[str, ...]:
     if request.method == "full":
         lora = lora_params(request.shape, SUGGESTED_LORA_RANK)
         dense = 2 if request.precision == "bf16" else 4
-        out.append(_try(request, f"method LoRA r={SUGGESTED_LORA_RANK} ({_count(lora)} trainable)", params_trainable=lora, frozen_bytes_per_param=dense, lora_rank=SUGGESTED_LORA_RANK))
+        out.append(
+            _try(
+                request,
+                f"method LoRA r={SUGGESTED_LORA_RANK} ({_count(lora)} trainable)",
+                method="lora",
+                params_trainable=lora,
+                frozen_bytes_per_param=dense,
+                lora_rank=SUGGESTED_LORA_RANK,
+            )
+        )
         out.append(
             _try(
                 request,
                 f"method QLoRA r={SUGGESTED_LORA_RANK} (4-bit NF4 base)",
+                method="qlora",
                 params_trainable=lora,
                 lora_rank=SUGGESTED_LORA_RANK,
                 frozen_bytes_per_param=qlora_frozen_bytes_per_param(request.shape, request.precision),

@@ -6,10 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from launcher.memory import GiB
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from launcher.memory import NF4_CONSTANT_BYTES_PER_PARAM, GiB, MiB, per_rank_memory
 from launcher.model_info import model_shape
-from launcher.planner import SHARDING_LEVEL, PlanRequest, lora_params, plan, qlora_frozen_bytes_per_param
-from launcher.spec import ModelSpec
+from launcher.planner import SHARDING_LEVEL, PlanRequest, lora_params, plan, qlora_frozen_bytes_per_param, request_from_spec
+from launcher.spec import ModelSpec, load_spec
+from tests.conftest import REPO
 
 LLAMA = {"model_type": "llama", "num_key_value_heads": 8, "tie_word_embeddings": False}
 SIZES = {
@@ -41,7 +45,12 @@ def request(size: str, gpus: int = 8, nodes: int = 1, mem_gb: int = 80, **change
 
 
 def lora(size: str, **kw) -> PlanRequest:
-    return request(size, params_trainable=lora_params(SHAPES[size], 16), method="lora", **kw)
+    return request(size, params_trainable=lora_params(SHAPES[size], 16), method="lora", lora_rank=16, **kw)
+
+
+def qlora(size: str, **kw) -> PlanRequest:
+    frozen = qlora_frozen_bytes_per_param(SHAPES[size], "bf16")
+    return replace(lora(size, **kw), method="qlora", frozen_bytes_per_param=frozen)
 
 
 def test_125m_on_8_gpus_picks_ddp():
@@ -95,9 +104,9 @@ def test_fewer_gpus_never_get_less_sharding(size):
 def test_frozen_and_lora_need_less_memory_than_full(size):
     full = plan(replace(request(size), strategy="fsdp2")).per_rank
     adapter = plan(replace(lora(size), strategy="fsdp2")).per_rank
-    qlora = plan(replace(lora(size), strategy="fsdp2", frozen_bytes_per_param=qlora_frozen_bytes_per_param(SHAPES[size], "bf16"))).per_rank
+    quantized = plan(replace(qlora(size), strategy="fsdp2")).per_rank
     assert adapter.grads < full.grads and adapter.optimizer < full.optimizer
-    assert qlora.total < adapter.total < full.total
+    assert quantized.total < adapter.total < full.total
 
 
 def test_lora_70b_fits_on_one_node():
@@ -105,7 +114,7 @@ def test_lora_70b_fits_on_one_node():
 
 
 def test_multi_node_prefers_sharding_within_a_node():
-    # ZeRO-2 over 16 ranks needs 26.7 GiB (> 90% of 28 GB); FSDP2 sharded over one node's 8 GPUs fits.
+    # ZeRO-2 over 16 ranks needs 29.9 GiB (> 90% of 28 GB); FSDP2 sharded over one node's 8 GPUs fits.
     p = plan(request("8b", nodes=2, mem_gb=28))
     assert p.strategy == "fsdp2" and p.shard_group == 8 and p.replicas == 2
     assert "HSDP" in p.reason
@@ -145,3 +154,56 @@ def test_gradual_unfreezing_is_planned_on_ddp_only():
     assert not result.fits and result.strategy == "ddp" and "runs with ddp only" in result.reason
     assert any("more GPUs do not help" in line for line in result.suggestions)
     assert dict(result.rejected)["fsdp2"].startswith("gradual unfreezing adds trained parameters")
+
+
+@pytest.mark.parametrize("size", ["1b", "8b", "70b"])
+@pytest.mark.parametrize("gpus, nodes", [(8, 1), (8, 8)])
+def test_zero_model_states_never_below_deepspeeds_own_estimators(size, gpus, nodes):
+    """DeepSpeed's estimate_zero{2,3}_model_states_mem_needs (what its *_all_cold tables print): ZeRO-2 keeps
+    2 + 18/N B a parameter (the fp32 copy of the gradient partition included), ZeRO-3 18/N plus 4 B per
+    parameter of the largest layer, offloaded ZeRO-3 that largest layer alone."""
+    shape, world = SHAPES[size], gpus * nodes
+    inputs = request(size, gpus=gpus, nodes=nodes).memory_inputs
+    _, zero2 = estimate_zero2_model_states_mem_needs(shape.params_total, gpus, nodes, cpu_offload=False)
+    _, zero3, _ = estimate_zero3_model_states_mem_needs(shape.params_total, shape.params_largest_tensor, gpus, nodes, cpu_offload=False)
+    _, offload, _ = estimate_zero3_model_states_mem_needs(shape.params_total, shape.params_largest_tensor, gpus, nodes)
+    assert per_rank_memory("zero2", inputs, world).model_states >= zero2
+    assert per_rank_memory("zero3", inputs, world).model_states >= zero3
+    assert per_rank_memory("zero3_offload", inputs, world).model_states >= offload
+
+
+def test_short_sequences_peak_when_the_root_reduces_its_gradients():
+    """Llama-3-8B, FSDP2 over 8 ranks, seq 1024: the end of backward (every block's sharded gradient, plus the
+    embedding and head's unsharded bf16 gradients and their fp32 reduce-scatter input) is the peak: 20.34 GiB
+    of tensors traced; planned 16.7 GiB before, from the optimizer step."""
+    m = plan(request("8b", seq_len=1024, strategy="fsdp2")).per_rank
+    assert m.peak_moment == "end of backward"
+    assert m.total - m.overhead >= 20.3 * GiB
+
+
+def test_classification_is_charged_its_head_not_vocabulary_logits():
+    spec = load_spec(REPO / "configs" / "llama3-8b-full.yaml", ["task.name=classification", "task.num_labels=4"])
+    req = request_from_spec(spec, SHAPES["8b"], "cuda")
+    assert req.num_labels == 4
+    assert req.shape.params_total == SHAPES["8b"].params_total - SHAPES["8b"].params_lm_head + 4 * 4096
+    req = replace(req, strategy="fsdp2")
+    causal = plan(replace(req, shape=SHAPES["8b"], params_trainable=SHAPES["8b"].params_total, num_labels=0)).per_rank
+    classifier = plan(req).per_rank
+    assert classifier.logits < MiB and causal.logits == 4096 * 128256 * 4
+    # 2 GiB of fp32 logits and 4 GiB of loss temporaries at the causal LM's loss; the classifier peaks in the
+    # first block's backward instead (the LM head's unsharded gradient is gone too).
+    assert causal.total - classifier.total > 2.5 * GiB
+
+
+def test_qlora_gathers_packed_blocks_and_keeps_its_constants_whole():
+    """FSDP2 gathers QLoRA's blocks as packed 4-bit data (about a quarter of bf16) and shards that data, but
+    every rank holds all the quantisation constants."""
+
+    def gathered_per_block(req: PlanRequest) -> float:  # fsdp2_gradop gathers every block, fsdp2 two
+        every = per_rank_memory("fsdp2_gradop", req.memory_inputs, 8).params
+        return (every - per_rank_memory("fsdp2", req.memory_inputs, 8).params) / (SHAPES["70b"].num_layers - 2)
+
+    assert gathered_per_block(qlora("70b")) < 0.27 * gathered_per_block(lora("70b"))
+    constants = NF4_CONSTANT_BYTES_PER_PARAM * SHAPES["70b"].block_linear_params * SHAPES["70b"].num_layers
+    root = 2 * SHAPES["70b"].params_embedding
+    assert per_rank_memory("fsdp2", qlora("70b").memory_inputs, 4096).params > constants + root
