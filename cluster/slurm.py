@@ -32,6 +32,7 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "ftl.sbatch.j2"
 SCRIPT_FILE = "job.sbatch"
 LEDGER_FILE = "slurm-ledger.jsonl"
 LOG_PATTERN = "slurm-%j.out"  # relative: sbatch runs in the run dir
+ARRAY_LOG_PATTERN = "point-%a/slurm-%A_%a.out"  # a sweep's: each task's log in its point's run dir
 MIN_GRACE_S = 120  # USR2 this long before the time limit at least: a step boundary plus a checkpoint
 # Slurm values go into `#SBATCH` lines, which sbatch parses itself (no shell): plain tokens only.
 _TOKEN = re.compile(r"^[A-Za-z0-9_.,:&|!*()\[\]%=+@/-]+$")
@@ -54,8 +55,12 @@ class SlurmOptions:
     max_stalled: int = 3  # attempts in a row ending at the same checkpoint after which it is not either
 
 
-def render_sbatch(run_dir: Path, nodes: int, ranks_per_node: int, device: str, save_grace_s: int, options: SlurmOptions, python: str = sys.executable) -> str:
-    """The batch script for the prepared run dir (its spec.yaml and plan.json decide what runs)."""
+def render_sbatch(
+    run_dir: Path, nodes: int, ranks_per_node: int, device: str, save_grace_s: int, options: SlurmOptions,
+    python: str = sys.executable, array: str | None = None,
+) -> str:
+    """The batch script for the prepared run dir (its spec.yaml and plan.json decide what runs). With
+    `array` (e.g. "0-3%2"), `run_dir` is a sweep's dir and task i runs `run_dir/point-i`."""
     extra = []
     for flag, value in (("partition", options.partition), ("account", options.account), ("qos", options.qos), ("constraint", options.constraint)):
         if value is not None:
@@ -79,7 +84,8 @@ def render_sbatch(run_dir: Path, nodes: int, ranks_per_node: int, device: str, s
         gpus_per_node=ranks_per_node if device == "cuda" else 0,
         cpus_per_task=options.cpus_per_task or (8 * ranks_per_node if device == "cuda" else ranks_per_node),
         time=options.time,
-        log_pattern=LOG_PATTERN,
+        log_pattern=ARRAY_LOG_PATTERN if array else LOG_PATTERN,
+        array=array,
         grace_s=max(MIN_GRACE_S, save_grace_s),
         extra=extra,
         container_image=options.container_image,
@@ -90,13 +96,18 @@ def render_sbatch(run_dir: Path, nodes: int, ranks_per_node: int, device: str, s
     )
 
 
-def submit(run_dir: Path, script: str) -> str:
-    """Write the script into the run dir, submit it from there, record it in the ledger; the job id."""
+def submit(run_dir: Path, script: str, points: int = 0) -> str:
+    """Write the script into the run dir, submit it from there, record it in the ledger (a sweep's: in
+    each point's, with the task's own id); the job id."""
     path = Path(run_dir) / SCRIPT_FILE
     path.write_text(script)
     result = _slurm(["sbatch", "--parsable", str(path)], cwd=run_dir)
     job_id = result.stdout.strip().split(";")[0]
-    append_ledger(run_dir, {"event": "submitted", "job_id": job_id})
+    if points:
+        for index in range(points):
+            append_ledger(Path(run_dir) / f"point-{index}", {"event": "submitted", "job_id": f"{job_id}_{index}"})
+    else:
+        append_ledger(run_dir, {"event": "submitted", "job_id": job_id})
     return job_id
 
 

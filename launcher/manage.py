@@ -1,10 +1,12 @@
-"""`ftl submit`, `ftl status`, `ftl cancel`, `ftl logs`: jobs handed to a cluster (Slurm: cluster/slurm.py).
+"""`ftl submit`, `ftl sweep`, `ftl status`, `ftl sweep-status`, `ftl cancel`, `ftl logs`: jobs handed to a
+cluster (Slurm: cluster/slurm.py).
 The host side only: plan once, write the run dir (spec + plan, the contract the ranks run), render and
 submit; then read the run dir and ask the scheduler."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -17,6 +19,22 @@ from launcher.errors import FTLError
 
 def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
     s = job_command("submit", "Plan the job, write its run dir and submit it to a cluster scheduler.")
+    _scheduler_options(s)
+    s.set_defaults(func=cmd_submit)
+
+    w = job_command("sweep", "A grid of the job's settings as one Slurm job array: one run dir and one array task per point.")
+    w.add_argument("--grid", nargs="+", required=True, metavar="key=v1,v2", help="the values to try, e.g. train.lr=1e-5,3e-5 method.lora.r=8,16")
+    w.add_argument("--max-parallel", type=int, help="array tasks running at once (Slurm's %%N)")
+    _scheduler_options(w)
+    w.set_defaults(func=cmd_sweep)
+
+    t = sub.add_parser("sweep-status", help="One row per point of a sweep: its settings, state, step and best validation metric.")
+    t.add_argument("sweep_dir", type=Path, help="the sweep's dir (the job's output_dir)")
+    t.set_defaults(func=cmd_sweep_status)
+    _status_commands(sub)
+
+
+def _scheduler_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--to", choices=["slurm"], required=True, help="the scheduler")
     s.add_argument("--partition", help="Slurm partition")
     s.add_argument("--account", help="Slurm account")
@@ -31,8 +49,9 @@ def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
     s.add_argument("--max-stalled", type=int, default=3, help="attempts in a row ending at the same checkpoint after which it is not requeued either")
     s.add_argument("--no-resume", action="store_true", help="start fresh instead of resuming from the run dir's checkpoint")
     s.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
-    s.set_defaults(func=cmd_submit)
 
+
+def _status_commands(sub: argparse._SubParsersAction) -> None:
     for name, func, text in (
         ("status", cmd_status, "State of a submitted job: scheduler state, restarts, last step, loss, checkpoint, ETA."),
         ("cancel", cmd_cancel, "Cancel a submitted job."),
@@ -46,29 +65,14 @@ def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from cluster.slurm import SlurmOptions, render_sbatch, submit
-    from launcher.cli import console, load_job, make_job_plan, print_plan, job_command
+    from cluster.slurm import render_sbatch, submit
+    from launcher.cli import console, load_job
     from launcher.job import prepare_run_dir
-    from strategies.registry import check_available
 
-    spec = load_job(args)
-    if spec.hardware.device == "auto":
-        # The plan is made here, on a login node that may have no GPU: a Slurm job runs on GPU nodes unless
-        # the spec says otherwise.
-        spec = spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": "cuda"})})
-        console.print("[dim]hardware.device auto: planning for CUDA nodes (set hardware.device: cpu for CPU nodes)[/]")
-    job_plan = make_job_plan(spec)
-    if not job_plan.fits:
-        print_plan(job_plan, job_command(spec, job_plan))
-        raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
-    check_available(job_plan.strategy)
-    options = SlurmOptions(
-        partition=args.partition, account=args.account, qos=args.qos, time=args.time, constraint=args.constraint,
-        exclusive=args.exclusive, container_image=args.container_image, cpus_per_task=args.cpus_per_task,
-        max_failures=args.max_failures, max_stalled=args.max_stalled,
-    )
+    spec = cluster_spec(load_job(args))
+    job_plan = cluster_plan(spec)
     request = job_plan.request
-    script = render_sbatch(spec.output_dir, request.nodes, request.gpus_per_node, request.device, job_plan.save_grace_s, options)
+    script = render_sbatch(spec.output_dir, request.nodes, request.gpus_per_node, request.device, job_plan.save_grace_s, slurm_options(args))
     if args.dry_run:
         print(script, end="")
         return 0
@@ -80,6 +84,103 @@ def cmd_submit(args: argparse.Namespace) -> int:
         f"  ftl status {escape(str(spec.output_dir))}"
     )
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Every point of the grid planned and written as its own run dir (point-i, with its overrides), all
+    run as one job array whose task i runs point-i; sweep.json in the sweep dir lists the points."""
+    from cluster.slurm import render_sbatch, submit
+    from launcher.cli import console, load_job
+    from launcher.job import prepare_run_dir
+
+    axes = []
+    for item in args.grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise FTLError(f"`--grid {item}` is not key=v1,v2: give a spec field and its values, e.g. train.lr=1e-5,3e-5.")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    base = cluster_spec(load_job(args))
+    sweep_dir = base.output_dir
+    points = [list(combo) for combo in itertools.product(*axes)]
+    specs, plans = [], []
+    for index, overrides in enumerate(points):
+        args_i = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *overrides, f"output_dir={sweep_dir / f'point-{index}'}"]})
+        spec = cluster_spec(load_job(args_i))
+        specs.append(spec)
+        plans.append(cluster_plan(spec))
+    shapes = {(p.request.nodes, p.request.gpus_per_node, p.request.device) for p in plans}
+    if len(shapes) > 1:
+        raise FTLError(
+            f"The grid's points need different resources ({sorted(shapes)} as nodes, ranks per node, device); one job array "
+            "has one shape. Fix `hardware` in the job, or sweep the differing settings as separate `ftl sweep` runs."
+        )
+    nodes, ranks, device = shapes.pop()
+    array = f"0-{len(points) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
+    script = render_sbatch(sweep_dir, nodes, ranks, device, max(p.save_grace_s for p in plans), slurm_options(args), array=array)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    for spec, job_plan in zip(specs, plans):
+        prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"points": [{"index": i, "overrides": o} for i, o in enumerate(points)]}, indent=2) + "\n")
+    job_id = submit(sweep_dir, script, points=len(points))
+    console.print(f"[bold]FTL[/] submitted sweep {job_id}: {len(points)} points as array {array} -> {escape(str(sweep_dir))}\n  ftl sweep-status {escape(str(sweep_dir))}")
+    return 0
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from cluster.slurm import checkpoint_step, job_state, read_ledger
+    from launcher.cli import console
+
+    listing = args.sweep_dir / "sweep.json"
+    if not listing.is_file():
+        raise FTLError(f"{listing} does not exist: {args.sweep_dir} is not a sweep written by `ftl sweep`.")
+    table = Table("point", "settings", "state", "step", "checkpoint", "best val_loss", "best accuracy")
+    for point in json.loads(listing.read_text())["points"]:
+        run_dir = args.sweep_dir / f"point-{point['index']}"
+        submitted = [e["job_id"] for e in read_ledger(run_dir) if e.get("event") == "submitted"]
+        state = job_state(submitted[-1]).get("JobState", "?") if submitted else "not submitted"
+        records = _metrics(run_dir)
+        steps = [r["step"] for r in records if "loss" in r]
+        val = [r["val_loss"] for r in records if "val_loss" in r]
+        acc = [r["accuracy"] for r in records if "accuracy" in r]
+        table.add_row(
+            str(point["index"]), " ".join(point["overrides"]), state, str(steps[-1]) if steps else "-", str(checkpoint_step(run_dir)),
+            f"{min(val):.4f}" if val else "-", f"{max(acc):.4f}" if acc else "-",
+        )
+    console.print(table, width=max(console.width, 160))  # the settings column stays readable in a log
+    return 0
+
+
+def cluster_spec(spec):
+    """The spec as a cluster job: `hardware.device: auto` means CUDA nodes (the plan is made here, on a
+    login node that may have no GPU)."""
+    if spec.hardware.device != "auto":
+        return spec
+    return spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": "cuda"})})
+
+
+def cluster_plan(spec):
+    """The plan, refused here if it does not fit or its library is missing (before anything is written)."""
+    from launcher.cli import job_command, make_job_plan, print_plan
+    from strategies.registry import check_available
+
+    job_plan = make_job_plan(spec)
+    if not job_plan.fits:
+        print_plan(job_plan, job_command(spec, job_plan))
+        raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
+    check_available(job_plan.strategy)
+    return job_plan
+
+
+def slurm_options(args: argparse.Namespace):
+    from cluster.slurm import SlurmOptions
+
+    return SlurmOptions(
+        partition=args.partition, account=args.account, qos=args.qos, time=args.time, constraint=args.constraint,
+        exclusive=args.exclusive, container_image=args.container_image, cpus_per_task=args.cpus_per_task,
+        max_failures=args.max_failures, max_stalled=args.max_stalled,
+    )
 
 
 def resolve_target(target: str) -> tuple[Path, str]:

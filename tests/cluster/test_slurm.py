@@ -1,12 +1,13 @@
 """`ftl submit --to slurm` on a real Slurm (two slurmd on this machine, tests/slurm/start-local-slurm.sh):
 the job runs through sbatch, srun and torchrun and completes; two nodes form one rendezvous; a USR2 to the
 batch script ends in a checkpoint, a requeue and an exact resume; crashes stop being requeued once the
-failure budget is spent; and nothing in a hostile run name is executed by the script."""
+failure budget is spent; a 2 x 2 sweep is one job array; and nothing in a hostile run name is executed by
+the script."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -14,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from cluster.slurm import SlurmOptions, read_ledger, render_sbatch
+from launcher.job import RankJob
 from tests.cluster.test_local_slurm import job_state, local_slurm, wait_until  # noqa: F401 (fixture)
-from tests.conftest import logged_losses, metric_records as _records, run_ftl, tiny_spec, write_spec
+from tests.conftest import REPO, logged_losses, metric_records as _records, run_ftl, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -112,6 +114,31 @@ def _rank_pids(run_dir: Path) -> list[int]:
         if b"torch.distributed.run" not in cmdline:
             ranks.append(int(pid))
     return ranks
+
+
+def test_a_two_by_two_sweep_is_one_array_with_four_run_dirs(tmp_path: Path, local_slurm: dict) -> None:
+    spec = tiny_spec(
+        tmp_path, output_dir=str(tmp_path / "sweep"), hardware={"gpus_per_node": 2},
+        data={"validation": str(REPO / "configs/data/quickstart-val.jsonl")}, train={"max_steps": 8, "log_every": 1},
+    )
+    result = run_ftl(
+        "sweep", str(write_spec(tmp_path, spec)), "--to", "slurm", "--grid", "train.lr=1e-3,3e-3", "train.seed=1,2",
+        "--max-parallel", "2", env=local_slurm,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    assert "#SBATCH --array=0-3%2" in (sweep / "job.sbatch").read_text()
+    job_ids = [read_ledger(sweep / f"point-{i}")[0]["job_id"] for i in range(4)]
+    array_id = job_ids[0].split("_")[0]
+    assert job_ids == [f"{array_id}_{i}" for i in range(4)]  # one array, one task per point
+    for i, job_id in enumerate(job_ids):
+        assert wait_done(local_slurm, job_id, sweep / f"point-{i}") == "COMPLETED"
+    settings = [RankJob.read(sweep / f"point-{i}").spec.train for i in range(4)]
+    assert [(t.lr, t.seed) for t in settings] == [(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)]
+    status = run_ftl("sweep-status", str(sweep), env=local_slurm)
+    rows = [line for line in status.stdout.splitlines() if "train.lr=" in line]
+    assert len(rows) == 4 and all("COMPLETED" in row for row in rows), status.stdout
+    assert all(re.search(r"\b\d\.\d{4}\b", row) for row in rows), "each row shows its best validation loss"
 
 
 HOSTILE = 'my run; $(touch PWNED) `touch PWNED2` "q\' & x'
