@@ -6,7 +6,7 @@ code) and `after` (the ledger entry and the requeue decision).
 
 Requeue protocol (submitit's, with separate budgets): a pre-empted step (exit 75, checkpoint saved) is
 requeued every time; a failed one while fewer than `max_failures` failures are in the ledger; never one
-that finished or stopped on a user error (exit 2); and never after `max_stalled` restarts in a row that
+that finished, stopped on a user error (exit 2) or was cancelled (`ftl cancel`, `scancel`); and never after `max_stalled` restarts in a row that
 ended at the same checkpoint (no progress). `slurm-ledger.jsonl` in the run dir keeps one line per
 submission and per end of an attempt: job id, restart, cause, step reached, decision.
 """
@@ -121,7 +121,9 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in first.split() if "=" in field)
 
 
-def cancel(job_id: str) -> None:
+def cancel(run_dir: Path, job_id: str) -> None:
+    """Recorded first: the job's own `after` must see it and not take the ending for a pre-emption."""
+    append_ledger(run_dir, {"event": "cancelled", "job_id": job_id})
     _slurm(["scancel", job_id])
 
 
@@ -172,7 +174,12 @@ def after(args: argparse.Namespace) -> int:
         if earlier.get("step") != reached:
             break
         stalled += 1
-    if cause in ("completed", "user_error"):
+    job_id = requeue_id()
+    # Cancelled by the user (`ftl cancel`, or `scancel`, which Slurm shows at once): the SIGTERM that
+    # ended the step was not a pre-emption.
+    if any(e.get("event") == "cancelled" and e.get("job_id") == job_id for e in ledger) or job_state(job_id).get("JobState") == "CANCELLED":
+        decision = "stop: cancelled"
+    elif cause in ("completed", "user_error"):
         decision = "stop"
     elif stalled >= args.max_stalled:
         decision = f"stop: {stalled + 1} attempts in a row ended at checkpoint step {reached} (no progress)"
@@ -180,7 +187,6 @@ def after(args: argparse.Namespace) -> int:
         decision = f"stop: failure budget spent ({failures} failures, --max-failures {args.max_failures})"
     else:
         decision = "requeue"
-    job_id = requeue_id()
     append_ledger(run_dir, {
         "event": "ended", "job_id": job_id, "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
         "cause": cause, "exit_code": code, "step": reached, "decision": decision,

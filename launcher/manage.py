@@ -230,12 +230,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from cluster.slurm import append_ledger, cancel
+    from cluster.slurm import cancel
     from launcher.cli import console
 
     run_dir, job_id = resolve_target(args.target)
-    cancel(job_id)
-    append_ledger(run_dir, {"event": "cancelled", "job_id": job_id})
+    cancel(run_dir, job_id)
     console.print(f"cancelled job {job_id} ({escape(str(run_dir))}); its last checkpoint stays; `ftl submit` again resumes from it")
     return 0
 

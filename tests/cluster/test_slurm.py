@@ -98,6 +98,17 @@ def test_crashes_stop_being_requeued_when_the_budget_is_spent(tmp_path: Path, lo
     assert "failure budget spent" in status.stdout, status.stdout
 
 
+def test_cancel_by_run_dir(tmp_path: Path, local_slurm: dict) -> None:
+    job_id, run_dir = submit(tmp_path, local_slurm, train={"max_steps": 100000, "log_every": 1})
+    wait_until(lambda: any(r.get("step", 0) >= 3 for r in metric_records(run_dir)), 120, "training to start")
+    result = run_ftl("cancel", str(run_dir), env=local_slurm)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: job_state(local_slurm, job_id) == "CANCELLED", 90, "the job to be cancelled")
+    wait_until(lambda: not _rank_pids(run_dir), 60, "the ranks to exit")
+    assert [e["event"] for e in read_ledger(run_dir)][:2] == ["submitted", "cancelled"]
+    assert all(e.get("decision", "stop").startswith("stop") for e in read_ledger(run_dir)), "a cancelled job is never requeued"
+
+
 def ended(run_dir: Path) -> list[dict]:
     return [e for e in read_ledger(run_dir) if e["event"] == "ended"]
 
