@@ -46,8 +46,8 @@ class ModelWeights:
     """What a meta-built model is filled with. `folder`: a HF folder's safetensors, or None for a random
     init (seeded by `seed` and the rank). `new_modules`: modules the job adds (a classification head),
     named in the Hugging Face model (under any PEFT wrapper), initialised by the model's own rule when
-    the folder lacks them. `device`: where 4-bit weights are
-    quantised and their constants live (the compute device, also under CPU offload)."""
+    the folder lacks them. `device`: where 4-bit weights are quantised and their constants live (the
+    compute device, also under CPU offload)."""
 
     folder: Path | None
     seed: int
