@@ -173,8 +173,6 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> MeasuredMemory:
             "inside DeepSpeed and cannot be traced with fake tensors. Force `strategy=fsdp2` to measure the sharded "
             "equivalent."
         )
-    if spec.task.name != "causal_lm":
-        raise FTLError("`--measure` traces causal-LM steps; this job's `task` is classification. Plan it without --measure.")
     quantized = spec.method.name == "qlora"
     if quantized and strategy != "ddp":
         raise FTLError(
@@ -192,8 +190,10 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> MeasuredMemory:
         )
 
     def build() -> torch.nn.Module:
+        # pad_token_id: a decoder classifier pools at the last non-pad token and needs one; any id traces the same.
         return build_model(
-            spec, meta=not quantized, device=torch.device("cpu"), strategy=job_plan.strategy, attn_implementation=CAUSAL_ONLY
+            spec, meta=not quantized, device=torch.device("cpu"), strategy=job_plan.strategy, attn_implementation=CAUSAL_ONLY,
+            pad_token_id=0,
         )
 
     setup = StepSetup(
@@ -207,6 +207,8 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> MeasuredMemory:
         activation_checkpointing=r.activation_checkpointing,
         quantized=quantized,
         fake=not quantized,
+        num_labels=r.num_labels,
+        lora_dropout=r.lora_dropout,
         build=build,
     )
     return measure_step(setup)

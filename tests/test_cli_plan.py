@@ -87,3 +87,11 @@ def test_plan_measure_traces_the_plans_own_method(capsys):
         assert measured[method][1] != measured["full"][1]
     assert measured["lora"][0] == measured["qlora"][0]  # the same adapters train; only the base differs
     assert measured["qlora"][1] < measured["lora"][1]  # a 4-bit base
+
+
+def test_plan_measure_traces_classification_with_its_head(capsys):
+    """A classifier's step has a num_labels head and no vocabulary logits: measured and predicted agree."""
+    assert main(["plan", "configs/minilm-classify.yaml", "--json", "--measure"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    predicted = plan["per_rank_bytes"]["total"] - plan["per_rank_bytes"]["overhead"]
+    assert abs(predicted / plan["measured_peak_bytes"] - 1) < 0.10, (predicted, plan["measured_peak_bytes"])
