@@ -53,8 +53,11 @@ def test_submitted_job_completes_and_status_reports_it(tmp_path: Path, local_slu
     assert sorted(losses) == list(range(1, 31)) and losses[30] < losses[1]
     assert "ddp on 2 x cpu" in log_of(run_dir, job_id)
     assert (run_dir / "job.sbatch").is_file()
-    status = run_ftl("status", str(run_dir), env=local_slurm)
-    assert status.returncode == 0 and "COMPLETED" in status.stdout and "30 / 30" in status.stdout, status.stdout
+    for target in (str(run_dir), job_id):  # by run dir or by job id
+        status = run_ftl("status", target, env=local_slurm)
+        assert status.returncode == 0 and "COMPLETED" in status.stdout and "30 / 30" in status.stdout, status.stdout
+    logs = run_ftl("logs", job_id, "--follow", env=local_slurm)  # the job has ended: prints it all and returns
+    assert "FTL: done" in logs.stdout and "attempt ended: completed" in logs.stdout
 
 
 def test_two_nodes_form_one_rendezvous(tmp_path: Path, local_slurm: dict) -> None:
