@@ -34,6 +34,7 @@ LEDGER_FILE = "slurm-ledger.jsonl"
 LOG_PATTERN = "slurm-%j.out"  # relative: sbatch runs in the run dir
 ARRAY_LOG_PATTERN = "point-%a/slurm-%A_%a.out"  # a sweep's: each task's log in its point's run dir
 MIN_GRACE_S = 120  # USR2 this long before the time limit at least: a step boundary plus a checkpoint
+OUTCOME_WAIT_S = 30  # how long a node's task waits for rank 0's outcome.json after its torchrun failed
 # Slurm values go into `#SBATCH` lines, which sbatch parses itself (no shell): plain tokens only.
 _TOKEN = re.compile(r"^[A-Za-z0-9_.,:&|!*()\[\]%=+@/-]+$")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^(UNLIMITED|INFINITE)$")
@@ -156,7 +157,15 @@ def step(args: argparse.Namespace) -> int:
         shutdown_timeout_s=job.plan.save_grace_s,
     )
     code = run_local(argv, env=job_env(job.plan.request.device, dict(os.environ)))
-    return launcher_exit_code(code, read_outcome(args.run_dir))
+    result = read_outcome(args.run_dir)
+    deadline = time.monotonic() + OUTCOME_WAIT_S
+    while code != 0 and result is None and args.nnodes > 1 and time.monotonic() < deadline:
+        # Rank 0 may be on another node, still writing how the job ended (a pre-emption's outcome comes
+        # right after the collective save). Exiting non-zero first would make srun kill that node's task
+        # (--kill-on-bad-exit) and turn a clean pre-emption into a failure.
+        time.sleep(0.5)
+        result = read_outcome(args.run_dir)
+    return launcher_exit_code(code, result)
 
 
 def after(args: argparse.Namespace) -> int:
