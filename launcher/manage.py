@@ -196,7 +196,11 @@ def resolve_target(target: str) -> tuple[Path, str]:
     state = job_state(target)
     if not state:
         raise FTLError(f"{target!r} is neither a run dir nor a job id Slurm knows (`scontrol show job {target}` finds nothing).")
-    return Path(state.get("WorkDir", ".")), target
+    work_dir = Path(state.get("WorkDir", "."))
+    task = state.get("ArrayTaskId")
+    if task is not None and task.isdigit() and (work_dir / f"point-{task}").is_dir():  # a sweep's task runs its point
+        return work_dir / f"point-{task}", target
+    return work_dir, target
 
 
 def cmd_status(args: argparse.Namespace) -> int:

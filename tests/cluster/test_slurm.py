@@ -149,6 +149,8 @@ def test_a_two_by_two_sweep_is_one_array_with_four_run_dirs(tmp_path: Path, loca
         assert wait_done(local_slurm, job_id, sweep / f"point-{i}") == "COMPLETED"
     settings = [RankJob.read(sweep / f"point-{i}").spec.train for i in range(4)]
     assert [(t.lr, t.seed) for t in settings] == [(1e-3, 1), (1e-3, 2), (3e-3, 1), (3e-3, 2)]
+    point = run_ftl("status", job_ids[3], env=local_slurm)  # an array task's id finds its own point
+    assert job_ids[3] in point.stdout and "8 / 8" in point.stdout and "completed at step 8" in point.stdout, point.stdout
     status = run_ftl("sweep-status", str(sweep), env=local_slurm)
     rows = [line for line in status.stdout.splitlines() if "train.lr=" in line]
     assert len(rows) == 4 and all("COMPLETED" in row for row in rows), status.stdout
