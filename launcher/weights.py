@@ -95,7 +95,8 @@ class ModelWeights:
                             self._quantise_into(four_bit[name], fh.get_tensor(key))
                         else:
                             _copy_rows(param, fh.get_slice(key))
-        missing = [name for key, params in by_key.items() if key not in _tied_keys(hf) for name, _ in params]
+        tied = _tied_keys(hf)
+        missing = [name for key, params in by_key.items() if key not in tied for name, _ in params]
         unexpected = [name for name in missing if not self._is_new(name)]
         if unexpected:
             raise FTLError(

@@ -67,19 +67,23 @@ def run_ftl(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A saved random-init tiny Llama (seed 0), so every strategy starts from identical weights."""
+def save_random_model(folder: Path, config: dict) -> Path:
+    """A random-init (seed 0) causal LM of `config` saved as a HF folder: a stand-in for a pretrained one."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from launcher.model_info import build_config
     from launcher.spec import ModelSpec
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(build_config(ModelSpec(config=TINY_LLAMA))).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(build_config(ModelSpec(config=config))).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved random-init tiny Llama (seed 0), so every strategy starts from identical weights."""
+    return save_random_model(tmp_path_factory.mktemp("tiny-llama"), TINY_LLAMA)
 
 
 def two_rank_job(tmp_path: Path, name: str, max_steps: int, every: int, collective_timeout_s: float, **train) -> Path:

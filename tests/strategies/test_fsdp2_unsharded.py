@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_LLAMA, tiny_spec
+from tests.conftest import TINY_LLAMA, save_random_model, tiny_spec
 from tests.hosts.unsharded_rank import UnshardedBlocks
 from tests.strategies.test_meta_build import build_on_two_ranks
 
@@ -27,15 +27,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def four_block_model(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    from launcher.model_info import build_config
-    from launcher.spec import ModelSpec
-
-    folder = tmp_path_factory.mktemp("four-blocks")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(build_config(ModelSpec(config=CONFIG))).save_pretrained(folder)
-    return folder
+    return save_random_model(tmp_path_factory.mktemp("four-blocks"), CONFIG)
 
 
 # Activation checkpointing re-gathers each block for its recomputation: checked with the LoRA case.
