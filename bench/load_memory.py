@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from cluster.local import job_env
 from launcher.job import prepare_run_dir
