@@ -5,7 +5,6 @@ dequantised with the constants the rank holds. Usage: torchrun ... -m tests.host
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 
