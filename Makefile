@@ -34,5 +34,15 @@ slurm-up:
 slurm-down:
 	bash tests/slurm/stop-local-slurm.sh
 
+.PHONY: ray-up ray-down
+
+# A two-node Ray on this machine, loopback only (tests/ray/README.md); idempotent. `make test` does not
+# start it: the tests that need it do (tests/cluster/ray_fixture.py).
+ray-up:
+	bash tests/ray/start-local-ray.sh
+
+ray-down:
+	bash tests/ray/stop-local-ray.sh
+
 clean:
 	rm -rf $(VENV) runs
