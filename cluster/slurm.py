@@ -14,7 +14,6 @@ submission and per end of an attempt: job id, restart, cause, step reached, deci
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import jinja2
 
+from cluster import ledger
 from launcher.errors import FTLError
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "ftl.sbatch.j2"
@@ -129,17 +129,11 @@ def cancel(run_dir: Path, job_id: str) -> None:
 
 
 def read_ledger(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / LEDGER_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return ledger.read_ledger(Path(run_dir) / LEDGER_FILE)
 
 
 def append_ledger(run_dir: Path, entry: dict) -> None:
-    with open(Path(run_dir) / LEDGER_FILE, "a") as fh:
-        fh.write(json.dumps({"time": round(time.time(), 3), **entry}) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    ledger.append_ledger(Path(run_dir) / LEDGER_FILE, entry)
 
 
 # -- the job side --------------------------------------------------------------------------------------

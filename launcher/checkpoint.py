@@ -65,16 +65,20 @@ class Checkpointer:
         control: dist.ProcessGroup | None = None,
         every: int = 0,
         before_publish: Callable[[Path], None] | None = None,
+        after_publish: Callable[[Path, int], None] | None = None,
     ) -> None:
         """`control`: a CPU (gloo) group on which ranks agree that their background writes are done (no
         device sync); the default group if None. `every`: the save cadence in steps (0: only at the end).
-        `before_publish`: called with the `.tmp` dir before it is renamed (a host may time or delay it)."""
+        `before_publish`: called with the `.tmp` dir before it is renamed (a host may time or delay it).
+        `after_publish`: called on every rank, at the same point, with the finished dir and its step once
+        it is complete and `latest` names it (Ray registers it with `ray.train.report` there)."""
         self.root = checkpoint_root(run_dir)
         self.strategy, self.env, self.keep, self.spec_hash, self.background = strategy, env, keep, spec_hash, background
         self.every = every
         self._pending: tuple[int, Path, Future | None] | None = None
         self._control = control
         self._before_publish = before_publish
+        self._after_publish = after_publish
 
     def should_save(self, step: int, last_step: int) -> bool:
         """A periodic save; the last step's save is the loop's own (it decides how the run ends)."""
@@ -137,6 +141,8 @@ class Checkpointer:
             _write_text_atomic(self.root / LATEST, final.name)
             _prune(self.root, self.keep)
         dist.barrier(group=self._control)
+        if self._after_publish is not None:
+            self._after_publish(final, step)
         return final
 
 

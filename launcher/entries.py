@@ -32,6 +32,7 @@ def run_rank(
     stop: StopSource,
     env: RankEnv | None = None,
     before_publish: Callable[[Path], None] | None = None,
+    after_publish: Callable[[Path, int], None] | None = None,
 ) -> Result:
     """Run this rank's part of the job in `run_dir` exactly as planned there. Collective: every rank calls
     it. Leaves a process group it did not create alive (and destroys the ones it did)."""
@@ -51,7 +52,7 @@ def run_rank(
         # keeping the strategy so its checkpoint loads; the trainer logs a `replanned` event.
         plan = replan_for_world(job.plan, max(env.world_size // env.local_world_size, 1), env.local_world_size)
     runtime = RankRuntime.start(env, device, planned.precision, job.spec.train.collective_timeout_s)
-    trainer = Trainer(job, plan, runtime, stop, before_publish=before_publish)
+    trainer = Trainer(job, plan, runtime, stop, before_publish=before_publish, after_publish=after_publish)
     try:
         result = trainer.run()
         if env.is_main:

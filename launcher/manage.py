@@ -1,5 +1,5 @@
-"""`ftl submit`, `ftl sweep`, `ftl status`, `ftl sweep-status`, `ftl cancel`, `ftl logs`: jobs handed to a
-cluster (Slurm: cluster/slurm.py).
+"""`ftl submit`, `ftl sweep`, `ftl status`, `ftl sweep-status`, `ftl cancel`, `ftl logs`, `ftl run-ray`: jobs
+handed to a cluster (Slurm: cluster/slurm.py; Ray: cluster/ray.py, and cluster/ray_train.py in the job).
 The host side only: plan once, write the run dir (spec + plan, the contract the ranks run), render and
 submit; then read the run dir and ask the scheduler."""
 
@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher.errors import FTLError
+from launcher.manage_ray import cmd_run_ray, ray_cancel, ray_logs, ray_status, submit_ray
+from launcher.metrics import read_metrics
 
 
 def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
@@ -28,6 +30,18 @@ def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
     _scheduler_options(w)
     w.set_defaults(func=cmd_sweep)
 
+    r = sub.add_parser(
+        "run-ray", help="Run a job on the Ray cluster this process is in, with Ray Train (a Ray job's entrypoint).",
+        description="Run a job with Ray Train on the Ray cluster this process belongs to: `ray job submit --working-dir . "
+        "-- ftl run-ray JOB.yaml` plans it there; `ftl submit --to ray` submits `ftl run-ray RUN_DIR` with the plan made at submit.",
+    )
+    r.add_argument("target", type=Path, help="a job spec (YAML: planned here) or a run dir prepared by `ftl submit --to ray`")
+    r.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override spec fields (with a job spec)")
+    r.add_argument("--max-failures", type=int, default=2, help="worker-group restarts after failures (Ray's pre-emption restarts do not count)")
+    r.add_argument("--cpus-per-worker", type=float, help="CPUs Ray reserves per worker (default 8 per GPU, 1 per CPU rank)")
+    r.add_argument("--no-resume", action="store_true", help="with a job spec: start fresh instead of resuming")
+    r.set_defaults(func=cmd_run_ray)  # launcher/manage_ray.py
+
     t = sub.add_parser("sweep-status", help="One row per point of a sweep: its settings, state, step and best validation metric.")
     t.add_argument("sweep_dir", type=Path, help="the sweep's dir (the job's output_dir)")
     t.set_defaults(func=cmd_sweep_status)
@@ -35,7 +49,11 @@ def add_commands(sub: argparse._SubParsersAction, job_command) -> None:
 
 
 def _scheduler_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--to", choices=["slurm"], required=True, help="the scheduler")
+    s.add_argument("--to", choices=["slurm", "ray"], required=True, help="the scheduler")
+    s.add_argument("--address", help="Ray: the dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    s.add_argument("--working-dir", type=Path, default=Path("."), help="Ray: the folder uploaded for the job (default: here)")
+    s.add_argument("--no-working-dir", action="store_true", help="Ray: upload nothing (the nodes have the code and data)")
+    s.add_argument("--cpus-per-worker", type=float, help="Ray: CPUs reserved per worker (default 8 per GPU, 1 per CPU rank)")
     s.add_argument("--partition", help="Slurm partition")
     s.add_argument("--account", help="Slurm account")
     s.add_argument("--qos", help="Slurm QOS")
@@ -45,7 +63,7 @@ def _scheduler_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--gpus-per-node", type=int, dest="gpus", metavar="G", help="= --gpus")
     s.add_argument("--cpus-per-task", type=int, help="CPUs per node's task (default 8 per GPU, or one per CPU rank)")
     s.add_argument("--container-image", help="run the step in this container (pyxis `--container-image`)")
-    s.add_argument("--max-failures", type=int, default=2, help="failed attempts after which the job is no longer requeued (pre-emptions never count)")
+    s.add_argument("--max-failures", type=int, default=2, help="failed attempts after which the job is no longer requeued / restarted (pre-emptions never count)")
     s.add_argument("--max-stalled", type=int, default=3, help="attempts in a row ending at the same checkpoint after which it is not requeued either")
     s.add_argument("--no-resume", action="store_true", help="start fresh instead of resuming from the run dir's checkpoint")
     s.add_argument("--dry-run", action="store_true", help="print the batch script; write and submit nothing")
@@ -69,6 +87,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launcher.cli import console, load_job
     from launcher.job import prepare_run_dir
 
+    if args.to == "ray":
+        return submit_ray(args, load_job(args))  # launcher/manage_ray.py
     spec = cluster_spec(load_job(args))
     job_plan = cluster_plan(spec)
     request = job_plan.request
@@ -140,7 +160,7 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
         run_dir = args.sweep_dir / f"point-{point['index']}"
         submitted = [e["job_id"] for e in read_ledger(run_dir) if e.get("event") == "submitted"]
         state = job_state(submitted[-1]).get("JobState", "?") if submitted else "not submitted"
-        records = _metrics(run_dir)
+        records = read_metrics(run_dir)
         steps = [r["step"] for r in records if "loss" in r]
         val = [r["val_loss"] for r in records if "val_loss" in r]
         acc = [r["accuracy"] for r in records if "accuracy" in r]
@@ -183,24 +203,29 @@ def slurm_options(args: argparse.Namespace):
     )
 
 
-def resolve_target(target: str) -> tuple[Path, str]:
-    """(run dir, current job id) from a run dir or a job id."""
+def resolve_target(target: str) -> tuple[Path, str, str]:
+    """(run dir, backend, current job id) from a run dir or a job id (Slurm's, or a Ray submission id)."""
+    from cluster import ray as ray_backend
     from cluster.slurm import job_state, read_ledger
 
     path = Path(target)
     if path.is_dir():
-        submitted = [e["job_id"] for e in read_ledger(path) if e.get("event") == "submitted"]
+        submitted = [(e.get("time", 0), "slurm", e["job_id"]) for e in read_ledger(path) if e.get("event") == "submitted"]
+        submitted += [(e.get("time", 0), "ray", e["submission_id"]) for e in ray_backend.read_ledger(path) if e.get("event") == "submitted"]
         if not submitted:
-            raise FTLError(f"{path} has no {path / 'slurm-ledger.jsonl'} with a submission: it was not submitted with `ftl submit`.")
-        return path, submitted[-1]
+            raise FTLError(f"{path} has no ledger with a submission (slurm-ledger.jsonl, ray-ledger.jsonl): it was not submitted with `ftl submit`.")
+        _, backend, job_id = max(submitted)
+        return path, backend, job_id
+    if target.startswith("ftl-"):  # FTL's Ray submission ids
+        return ray_backend.run_dir_of(target), "ray", target
     state = job_state(target)
     if not state:
         raise FTLError(f"{target!r} is neither a run dir nor a job id Slurm knows (`scontrol show job {target}` finds nothing).")
     work_dir = Path(state.get("WorkDir", "."))
     task = state.get("ArrayTaskId")
     if task is not None and task.isdigit() and (work_dir / f"point-{task}").is_dir():  # a sweep's task runs its point
-        return work_dir / f"point-{task}", target
-    return work_dir, target
+        return work_dir / f"point-{task}", "slurm", target
+    return work_dir, "slurm", target
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -208,11 +233,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from launcher.cli import console
     from launcher.job import RankJob
 
-    run_dir, job_id = resolve_target(args.target)
+    run_dir, backend, job_id = resolve_target(args.target)
+    if backend == "ray":
+        return ray_status(run_dir, job_id)
     state = job_state(job_id)
     ledger = read_ledger(run_dir)
     ends = [e for e in ledger if e.get("event") == "ended"]
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     steps = [r for r in records if "loss" in r]
     max_steps = RankJob.read(run_dir).spec.train.max_steps if (run_dir / "spec.yaml").is_file() else None
     table = Table(show_header=False, box=None)
@@ -225,7 +252,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row("step", f"{last['step']}" + (f" / {max_steps}" if max_steps else ""))
         table.add_row("loss", f"{last['loss']:.4f}")
         table.add_row("tokens/s", f"{last.get('tokens_per_s', 0):,.0f}")
-        eta = _eta_s(steps, max_steps)
+        eta = eta_s(steps, max_steps)
         if eta is not None and state.get("JobState") == "RUNNING":
             table.add_row("ETA", time.strftime("%H:%M:%S", time.gmtime(eta)))
     table.add_row("checkpoint", f"step {checkpoint_step(run_dir)}")
@@ -237,7 +264,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from cluster.slurm import cancel
     from launcher.cli import console
 
-    run_dir, job_id = resolve_target(args.target)
+    run_dir, backend, job_id = resolve_target(args.target)
+    if backend == "ray":
+        return ray_cancel(run_dir, job_id)
     cancel(run_dir, job_id)
     console.print(f"cancelled job {job_id} ({escape(str(run_dir))}); its last checkpoint stays; `ftl submit` again resumes from it")
     return 0
@@ -246,7 +275,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from cluster.slurm import job_state
 
-    run_dir, job_id = resolve_target(args.target)
+    run_dir, backend, job_id = resolve_target(args.target)
+    if backend == "ray":
+        return ray_logs(run_dir, job_id, args.follow)
     log = run_dir / f"slurm-{job_id}.out"
     position = 0
     while True:
@@ -261,20 +292,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         time.sleep(1)
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue  # a line still being written
-    return out
-
-
-def _eta_s(steps: list[dict], max_steps: int | None) -> float | None:
+def eta_s(steps: list[dict], max_steps: int | None) -> float | None:
     if max_steps is None or len(steps) < 2 or "elapsed_s" not in steps[-1]:
         return None
     a, b = steps[-2], steps[-1]

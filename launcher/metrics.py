@@ -102,3 +102,17 @@ def memory_record(strategy, device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         record["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     return record
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of `run_dir/metrics.jsonl` (none if it is missing), skipping a line still being written."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -29,6 +29,11 @@ class StopSource(Protocol):
     def requested(self) -> str | None:
         """Why this rank was asked to stop (e.g. 'SIGUSR2'), or None. Cheap: called every step."""
 
+    def save_requested(self) -> str | None:
+        """Why the host wants a checkpoint now while training goes on (Ray's notice that a node is about to
+        be reclaimed: it restarts the run from that checkpoint itself), or None. Called once per step on
+        every rank; the source returns the same answer on every rank."""
+
     def close(self) -> None: ...
 
 
@@ -53,6 +58,9 @@ class SignalStop:
             self.received = "parent process exited"
         return self.received
 
+    def save_requested(self) -> str | None:
+        return None
+
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -69,6 +77,9 @@ class PolledStop:
 
     def requested(self) -> str | None:
         return self.reason if self.should_stop() else None
+
+    def save_requested(self) -> str | None:
+        return None
 
     def close(self) -> None:
         pass

@@ -55,13 +55,15 @@ class Trainer:
         runtime: RankRuntime,
         stop: StopSource,
         before_publish: Callable[[Path], None] | None = None,
+        after_publish: Callable[[Path, int], None] | None = None,
     ) -> None:
         """`plan`: the job's plan, or the one re-made for the world the ranks found (launcher/entries.py).
-        `before_publish` is passed to the Checkpointer (a host may time or delay publishing)."""
+        `before_publish` and `after_publish` go to the Checkpointer (a host may time or delay publishing,
+        or register each finished checkpoint with its scheduler: Ray)."""
         self.job, self.spec, self.plan = job, job.spec, plan
         self.rt, self.env, self.stop = runtime, runtime.env, stop
         self.schedule = Schedule.from_spec(self.spec)
-        self.before_publish = before_publish
+        self.before_publish, self.after_publish = before_publish, after_publish
         self.state = TrainerState()
 
     # -- build ---------------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             run_dir, self.strategy, env, spec.checkpoint.keep, self.spec_hash, spec.checkpoint.async_save,
             control=self.rt.control, every=spec.checkpoint.every, before_publish=self.before_publish,
+            after_publish=self.after_publish,
         )
 
     def restore(self) -> None:
@@ -150,7 +153,7 @@ class Trainer:
         if saved_world == self.env.world_size:
             restore_rng(saved.rng)
         self.state = TrainerState(step=saved.step, phase=saved.phase)
-        self.log.message(f"FTL: resumed from {self.resume.path} (step {saved.step})")
+        self.log.log({"step": saved.step, "event": "resumed", "detail": f"resumed from {self.resume.path}"})
 
     # -- step ------------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
@@ -226,6 +229,10 @@ class Trainer:
                 path = self.save(step)  # completes a background save in flight first
                 log.log({"step": step, "event": "preempted", "detail": f"{why}; checkpoint saved, rerun to resume"})
                 return self.finish(Result(Outcome.PREEMPTED, step, str(path), why))
+            if step != last and (why := self.stop.save_requested()) is not None:  # the same answer on every rank
+                path = self.save(step)
+                log.log({"step": step, "event": "checkpoint_requested", "detail": f"{why}; checkpoint {path} saved, training goes on"})
+                continue
             if self.checkpointer.should_save(step, last):
                 self.save(step, wait=False)
 

@@ -1,0 +1,199 @@
+"""Ray, job side: FTL's one training loop inside Ray Train (Train V2's `TorchTrainer`).
+
+`fit(run_dir)` is what a Ray job's entrypoint runs (`ftl run-ray`): it turns the run dir's plan into a
+`TorchTrainer` (workers = the plan's ranks) and maps how the run ended to FTL's exit codes. Each worker
+runs `launcher.entries.run_rank`, the function entry torchrun's ranks run too, on the process group
+Ray created, in the non-main thread Ray runs it in (so stops are polled, never signals).
+
+The Ray experiment dir *is* the FTL run dir (`storage_path` = its parent, `name` = its name): FTL
+writes its own sharded checkpoints there and registers each with `ray.train.report(...,
+checkpoint_upload_mode=NO_UPLOAD)` only once every shard and the manifest are complete, so Ray never
+copies or half-registers one (ray#41700). A restarted worker group resumes from FTL's `latest`, with the
+data position and RNG exact (the trainer state is part of the checkpoint).
+
+Stops: `ftl cancel` writes `stop-request` into the run dir (Ray has no signal for a graceful stop:
+`ray job stop` SIGKILLs after 3 s): the ranks save at the next step boundary and end pre-empted (exit
+75). Ray's notice that a node is about to be reclaimed (`ray.train.get_preemption_info`) makes the ranks
+save at once and train on: Ray then restarts the group from that checkpoint, counted against
+`max_preemption_failures`, never against `max_failures`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from launcher.errors import FTLError
+from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, Outcome, read_outcome
+
+STOP_FILE = "stop-request"  # written by `ftl cancel`; its text is the reason
+PREEMPTION_POLL_S = 1.0  # how often the ranks ask Ray about pre-emption; drain windows are tens of seconds
+
+
+class RayStop:
+    """The stop sources of a Ray worker, polled at step boundaries.
+
+    `requested()`: the run dir's stop file (read at most once a second per rank; the trainer agrees
+    across ranks). `save_requested()`: Ray's pre-emption notice. `ray.train.get_preemption_info` is a
+    barrier over Ray's actors that every worker must call equally often, so the ranks first agree (one
+    tiny all-reduce on the default group, whose CPU backend is gloo) that a poll is due by the clock."""
+
+    def __init__(self, run_dir: Path, poll_s: float = PREEMPTION_POLL_S) -> None:
+        self.flag = run_dir / STOP_FILE
+        self.poll_s = poll_s
+        self.reason: str | None = None
+        self._flag_checked = 0.0
+        self._preemption_polled = time.monotonic()
+        self._preemption_seen = False
+
+    def requested(self) -> str | None:
+        now = time.monotonic()
+        if self.reason is None and now - self._flag_checked >= 1.0:
+            self._flag_checked = now
+            if self.flag.is_file():
+                self.reason = self.flag.read_text().strip() or "stop requested"
+        return self.reason
+
+    def save_requested(self) -> str | None:
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        if self._preemption_seen:  # one just-in-time checkpoint per notice; Ray restarts the group after it
+            return None
+        due = torch.tensor([int(time.monotonic() - self._preemption_polled >= self.poll_s)])
+        dist.all_reduce(due, op=dist.ReduceOp.MAX)
+        if not due.item():
+            return None
+        self._preemption_polled = time.monotonic()
+        info = ray.train.get_preemption_info()  # the same value on every worker (Ray broadcasts rank 0's)
+        if info is None:
+            return None
+        self._preemption_seen = True
+        left = f", {max(info.deadline_ms / 1000 - time.time(), 0):.0f} s before the deadline" if info.deadline_ms else ""
+        return f"Ray reports node(s) {', '.join(n[:12] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) about to be pre-empted{left}"
+
+    def close(self) -> None:
+        pass
+
+
+def report_checkpoint(path: Path, step: int) -> None:
+    """Register a finished FTL checkpoint with Ray (every worker calls this at the same point: it is a
+    barrier). Only rank 0 names the dir; Ray merges nothing and copies nothing (NO_UPLOAD)."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from launcher.metrics import read_metrics
+
+    rank = ray.train.get_context().get_world_rank()
+    metrics: dict = {"step": step}
+    if rank == 0:
+        for record in read_metrics(path.parents[1]):
+            metrics.update({k: v for k, v in record.items() if k in ("loss", "val_loss", "accuracy") and isinstance(v, (int, float))})
+    checkpoint = ray.train.Checkpoint.from_directory(str(path)) if rank == 0 else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def worker(config: dict) -> None:
+    """The per-worker function: one FTL rank on Ray's process group."""
+    import torch
+    import torch.distributed as dist
+
+    from launcher.entries import run_rank
+    from launcher.rank_env import RankEnv
+
+    run_dir = Path(config["run_dir"])
+    env = RankEnv.from_env()  # Ray sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE
+    # Every worker must see the run dir the driver wrote (checkpoints are shared there): agree first, so a
+    # node without it fails every rank at once instead of leaving the others in a collective.
+    seen = torch.tensor([int((run_dir / "plan.json").is_file())])
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    if not seen.item():
+        raise FTLError(
+            f"Some Ray worker cannot see the run dir {run_dir} (no plan.json there). FTL's checkpoints and plan live in "
+            "`output_dir`, which every Ray node must mount at the same path (a shared filesystem: NFS, Lustre, a "
+            "Kubernetes volume). Set `output_dir` to such a path."
+        )
+    stop = RayStop(run_dir)
+    try:
+        run_rank(run_dir, stop, env, after_publish=report_checkpoint)
+    except FTLError as exc:
+        # A mistake in the job: rank 0 wrote it to outcome.json and the driver exits 2 with it. Returning
+        # (not raising) keeps Ray from retrying a job that would fail the same way each time.
+        print(f"error (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
+
+
+def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) -> int:
+    """Run the prepared run dir's plan on the Ray cluster this process is connected to (a Ray job's
+    entrypoint runs it on the head). Returns FTL's exit code."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.ray import worker_resources
+    from launcher.job import RankJob
+    from launcher.runtime import default_group_backend
+
+    run_dir = run_dir.resolve()
+    job = RankJob.read(run_dir)
+    request = job.plan.request
+    use_gpu = request.device == "cuda"
+    resources = worker_resources(request.device, cpus_per_worker)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={"run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=request.world_size, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            storage_path=str(run_dir.parent),
+            name=run_dir.name,
+            # Starting the worker group is the controller's part: when it cannot (a node gone and not replaced),
+            # Ray would retry for ever; it gets the same budget as the workers, so the job ends with the reason.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
+            # FTL keeps and prunes its own checkpoints (`checkpoint.keep`); Ray only keeps the pointers.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+        ),
+        torch_config=TorchConfig(backend=default_group_backend(request.device), timeout_s=int(job.spec.train.collective_timeout_s)),
+    )
+    print(
+        f"FTL on Ray: {job.plan.strategy} x {request.world_size} workers ({request.device}, {resources}), run dir {run_dir}, "
+        f"max_failures={max_failures}",
+        flush=True,
+    )
+    start = time.monotonic()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        first = str(exc).strip().splitlines()
+        print(
+            f"FTL on Ray: training failed after {time.monotonic() - start:.0f} s and {max_failures} restart(s) allowed "
+            f"(`--max-failures`): {' '.join(first[:3])[:600]}\nThe last complete checkpoint stays in {run_dir / 'checkpoints'}; "
+            "`ftl submit` again resumes from it.",
+            file=sys.stderr, flush=True,
+        )
+        return 1
+    result = read_outcome(run_dir)
+    if result is None:
+        print(f"FTL on Ray: the workers returned without writing {run_dir / 'outcome.json'}", file=sys.stderr, flush=True)
+        return 1
+    print(f"FTL on Ray: {result.outcome.value} at step {result.step}" + (f"; checkpoint {result.checkpoint}" if result.checkpoint else ""), flush=True)
+    if result.outcome is Outcome.PREEMPTED:
+        print(f"FTL on Ray: stopped on request ({result.detail}); resubmit to continue (exit {EXIT_PREEMPTED})", flush=True)
+    if result.outcome is Outcome.ERROR:
+        print(f"error: {result.detail}", file=sys.stderr, flush=True)
+    return {Outcome.PREEMPTED: EXIT_PREEMPTED, Outcome.ERROR: EXIT_USER_ERROR}.get(result.outcome, 0)
+
+
+def request_stop(run_dir: Path, reason: str) -> None:
+    """Ask a running job's ranks to save at the next step boundary and end (`ftl cancel`)."""
+    (run_dir / STOP_FILE).write_text(reason + "\n")
+
+
+def clear_stop(run_dir: Path) -> None:
+    """Before a (re)submission: an old request must not stop the new attempt."""
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def plan_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "plan.json").read_text())
