@@ -24,9 +24,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.errors import FTLError
 from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, Outcome, read_outcome
+
+if TYPE_CHECKING:
+    from launcher.job import RankJob
 
 STOP_FILE = "stop-request"  # written by `ftl cancel`; its text is the reason
 PREEMPTION_POLL_S = 1.0  # how often the ranks ask Ray about pre-emption; drain windows are tens of seconds
@@ -125,37 +129,49 @@ def worker(config: dict) -> None:
         print(f"error (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
 
 
-def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) -> int:
-    """Run the prepared run dir's plan on the Ray cluster this process is connected to (a Ray job's
-    entrypoint runs it on the head). Returns FTL's exit code."""
-    import ray
+def build_trainer(job: RankJob, max_failures: int, cpus_per_worker: float | None = None, callbacks: tuple = ()):
+    """The `TorchTrainer` that runs a prepared run dir's plan (`job`: its `RankJob`): workers = the plan's
+    ranks, Ray's experiment dir = the run dir. `fit` runs one; each trial of a Ray sweep runs one too
+    (cluster/ray_sweep.py, with Tune's report callback in `callbacks`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.ray import worker_resources
-    from launcher.job import RankJob
     from launcher.runtime import default_group_backend
 
-    run_dir = run_dir.resolve()
-    job = RankJob.read(run_dir)
     request = job.plan.request
-    use_gpu = request.device == "cuda"
     resources = worker_resources(request.device, cpus_per_worker)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         worker,
-        train_loop_config={"run_dir": str(run_dir)},
-        scaling_config=ray.train.ScalingConfig(num_workers=request.world_size, use_gpu=use_gpu, resources_per_worker=resources),
+        train_loop_config={"run_dir": str(job.run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=request.world_size, use_gpu=request.device == "cuda", resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            storage_path=str(run_dir.parent),
-            name=run_dir.name,
+            storage_path=str(job.run_dir.parent),
+            name=job.run_dir.name,
             # Starting the worker group is the controller's part: when it cannot (a node gone and not replaced),
             # Ray would retry for ever; it gets the same budget as the workers, so the job ends with the reason.
             failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             # FTL keeps and prunes its own checkpoints (`checkpoint.keep`); Ray only keeps the pointers.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            callbacks=list(callbacks),
         ),
         torch_config=TorchConfig(backend=default_group_backend(request.device), timeout_s=int(job.spec.train.collective_timeout_s)),
     )
+
+
+def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) -> int:
+    """Run the prepared run dir's plan on the Ray cluster this process is connected to (a Ray job's
+    entrypoint runs it on the head). Returns FTL's exit code."""
+    import ray.train
+
+    from cluster.ray import worker_resources
+    from launcher.job import RankJob
+
+    run_dir = run_dir.resolve()
+    job = RankJob.read(run_dir)
+    request = job.plan.request
+    resources = worker_resources(request.device, cpus_per_worker)
+    trainer = build_trainer(job, max_failures, cpus_per_worker)
     print(
         f"FTL on Ray: {job.plan.strategy} x {request.world_size} workers ({request.device}, {resources}), run dir {run_dir}, "
         f"max_failures={max_failures}",
