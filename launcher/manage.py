@@ -9,6 +9,7 @@ import argparse
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.markup import escape
@@ -110,8 +111,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Every point of the grid planned and written as its own run dir (point-i, with its overrides), all
     run as one job array whose task i runs point-i; sweep.json in the sweep dir lists the points."""
     from cluster.slurm import render_sbatch, submit
-    from launcher.cli import console, load_job
-    from launcher.job import prepare_run_dir
+    from launcher.cli import console
+
+    sweep = plan_sweep(args, cluster_spec)
+    shapes = {(p.request.nodes, p.request.gpus_per_node, p.request.device) for p in sweep.plans}
+    if len(shapes) > 1:
+        raise FTLError(
+            f"The grid's points need different resources ({sorted(shapes)} as nodes, ranks per node, device); one job array "
+            "has one shape. Fix `hardware` in the job, or sweep the differing settings as separate `ftl sweep` runs."
+        )
+    nodes, ranks, device = shapes.pop()
+    array = f"0-{len(sweep.points) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
+    script = render_sbatch(sweep.sweep_dir, nodes, ranks, device, max(p.save_grace_s for p in sweep.plans), slurm_options(args), array=array)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    write_sweep(sweep, fresh=args.no_resume, say=console.print)
+    job_id = submit(sweep.sweep_dir, script, points=len(sweep.points))
+    console.print(f"[bold]FTL[/] submitted sweep {job_id}: {len(sweep.points)} points as array {array} -> {escape(str(sweep.sweep_dir))}\n  ftl sweep-status {escape(str(sweep.sweep_dir))}")
+    return 0
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The grid's points, each planned as its own job: `specs[i]` and `plans[i]` are point-i's, with
+    `points[i]` its overrides and `sweep_dir/point-i` its run dir."""
+
+    sweep_dir: Path
+    points: list[list[str]]
+    specs: list
+    plans: list
+
+
+def plan_sweep(args: argparse.Namespace, on_cluster) -> SweepPlan:
+    """Plan every point of `args.grid` (key=v1,v2 ...: their product), its spec made a cluster job by
+    `on_cluster` (where `hardware.device: auto` is decided); refused before anything is written."""
+    from launcher.cli import load_job
 
     axes = []
     for item in args.grid:
@@ -119,36 +154,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if not sep or not key or not values:
             raise FTLError(f"`--grid {item}` is not key=v1,v2: give a spec field and its values, e.g. train.lr=1e-5,3e-5.")
         axes.append([f"{key}={value}" for value in values.split(",")])
-    base = cluster_spec(load_job(args))
-    sweep_dir = base.output_dir
+    sweep_dir = on_cluster(load_job(args)).output_dir
     points = [list(combo) for combo in itertools.product(*axes)]
     specs, plans = [], []
     for index, overrides in enumerate(points):
         args_i = argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *overrides, f"output_dir={sweep_dir / f'point-{index}'}"]})
-        spec = cluster_spec(load_job(args_i))
+        spec = on_cluster(load_job(args_i))
         specs.append(spec)
         plans.append(cluster_plan(spec))
-    shapes = {(p.request.nodes, p.request.gpus_per_node, p.request.device) for p in plans}
-    if len(shapes) > 1:
-        raise FTLError(
-            f"The grid's points need different resources ({sorted(shapes)} as nodes, ranks per node, device); one job array "
-            "has one shape. Fix `hardware` in the job, or sweep the differing settings as separate `ftl sweep` runs."
-        )
-    nodes, ranks, device = shapes.pop()
-    array = f"0-{len(points) - 1}" + (f"%{args.max_parallel}" if args.max_parallel else "")
-    script = render_sbatch(sweep_dir, nodes, ranks, device, max(p.save_grace_s for p in plans), slurm_options(args), array=array)
-    if args.dry_run:
-        print(script, end="")
-        return 0
-    for spec, job_plan in zip(specs, plans):
-        prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"points": [{"index": i, "overrides": o} for i, o in enumerate(points)]}, indent=2) + "\n")
-    job_id = submit(sweep_dir, script, points=len(points))
-    console.print(f"[bold]FTL[/] submitted sweep {job_id}: {len(points)} points as array {array} -> {escape(str(sweep_dir))}\n  ftl sweep-status {escape(str(sweep_dir))}")
-    return 0
+    return SweepPlan(sweep_dir, points, specs, plans)
+
+
+def write_sweep(sweep: SweepPlan, fresh: bool, say) -> None:
+    """Each point's run dir (spec + plan, resumed unless `fresh`) and sweep.json listing the points."""
+    from launcher.job import prepare_run_dir
+
+    for spec, job_plan in zip(sweep.specs, sweep.plans):
+        prepare_run_dir(spec, job_plan, fresh=fresh, say=say)
+    listing = {"points": [{"index": i, "overrides": o} for i, o in enumerate(sweep.points)]}
+    (sweep.sweep_dir / "sweep.json").write_text(json.dumps(listing, indent=2) + "\n")
 
 
 def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from cluster.slurm import checkpoint_step, job_state, read_ledger
     from launcher.cli import console
 
@@ -168,7 +197,8 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
             str(point["index"]), " ".join(point["overrides"]), state, str(steps[-1]) if steps else "-", str(checkpoint_step(run_dir)),
             f"{min(val):.4f}" if val else "-", f"{max(acc):.4f}" if acc else "-",
         )
-    console.print(table, width=max(console.width, 160))  # the settings column stays readable in a log
+    # Rich caps a print's width at the console's (80 columns in a log): a console of its own keeps the settings readable.
+    Console(highlight=False, width=max(console.width, 160)).print(table)
     return 0
 
 
