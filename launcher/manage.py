@@ -108,8 +108,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Every point of the grid planned and written as its own run dir (point-i, with its overrides), all
-    run as one job array whose task i runs point-i; sweep.json in the sweep dir lists the points."""
+    """Every point of the grid planned and written as its own run dir (point-i, with its overrides); sweep.json
+    in the sweep dir lists the points. Slurm runs them as one job array whose task i runs point-i; Ray as one
+    job running a Ray Tune trial (a TorchTrainer) per point (cluster/ray_sweep.py)."""
+    if args.to == "ray":
+        return _sweep_ray(args)
     from cluster.slurm import render_sbatch, submit
     from launcher.cli import console
 
@@ -129,6 +132,46 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     write_sweep(sweep, fresh=args.no_resume, say=console.print)
     job_id = submit(sweep.sweep_dir, script, points=len(sweep.points))
     console.print(f"[bold]FTL[/] submitted sweep {job_id}: {len(sweep.points)} points as array {array} -> {escape(str(sweep.sweep_dir))}\n  ftl sweep-status {escape(str(sweep.sweep_dir))}")
+    return 0
+
+
+def _sweep_ray(args: argparse.Namespace) -> int:
+    """`ftl sweep --to ray`: the points planned for the Ray cluster's devices, each checked to fit it, then
+    one Ray job (its id derived from the sweep dir, recorded in the sweep dir's ray ledger)."""
+    from cluster.ray import check_fits, check_upload_size, node_resources, runtime_env, upload_excludes, worker_resources
+    from cluster.ray_sweep import concurrent_trials, entrypoint, submit
+    from launcher.cli import console
+    from launcher.manage_ray import ray_options
+
+    options = ray_options(args)
+    nodes = node_resources(options.address)
+    device = "cuda" if any(node.get("GPU", 0) > 0 for node in nodes) else "cpu"  # `auto`: the cluster's nodes decide
+
+    def on_cluster(spec):
+        if spec.hardware.device != "auto":
+            return spec
+        return spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": device})})
+
+    sweep = plan_sweep(args, on_cluster)
+    for job_plan in sweep.plans:
+        check_fits(nodes, job_plan.request.world_size, worker_resources(job_plan.request.device, options.cpus_per_worker), options.address)
+    if options.working_dir is not None:
+        check_upload_size(options.working_dir, upload_excludes(options.working_dir, sweep.sweep_dir))
+    workers = max(p.request.world_size for p in sweep.plans)
+    at_once = concurrent_trials(nodes, workers, worker_resources(sweep.plans[0].request.device, options.cpus_per_worker))
+    at_once = min(at_once, args.max_parallel or at_once)
+    if args.dry_run:
+        print(json.dumps({
+            "address": options.address, "entrypoint": entrypoint(sweep.sweep_dir, options, args.max_parallel),
+            "runtime_env": runtime_env(sweep.sweep_dir, options), "points": len(sweep.points), "trials_at_once_now": at_once,
+        }, indent=2))
+        return 0
+    write_sweep(sweep, fresh=args.no_resume, say=console.print)
+    sid = submit(sweep.sweep_dir, options, args.max_parallel)
+    console.print(
+        f"[bold]FTL[/] submitted sweep as Ray job {sid}: {len(sweep.points)} points as Ray Tune trials, up to {at_once} at once "
+        f"(the cluster now) -> {escape(str(sweep.sweep_dir))}\n  ftl sweep-status {escape(str(sweep.sweep_dir))}    ftl logs -f {escape(str(sweep.sweep_dir))}"
+    )
     return 0
 
 
@@ -178,19 +221,31 @@ def write_sweep(sweep: SweepPlan, fresh: bool, say) -> None:
 def cmd_sweep_status(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from cluster import ray as ray_backend
     from cluster.slurm import checkpoint_step, job_state, read_ledger
     from launcher.cli import console
+    from launcher.outcome import read_outcome
 
     listing = args.sweep_dir / "sweep.json"
     if not listing.is_file():
         raise FTLError(f"{listing} does not exist: {args.sweep_dir} is not a sweep written by `ftl sweep`.")
+    on_ray = [e for e in ray_backend.read_ledger(args.sweep_dir) if e.get("event") == "submitted"]
+    ray_state = ""
+    if on_ray:  # one Ray job runs every point: its state, then each point's own outcome and metrics
+        ray_state = ray_backend.job_info(on_ray[-1].get("address") or ray_backend.DEFAULT_ADDRESS, on_ray[-1]["submission_id"]).get("status", "unknown to Ray")
+        console.print(f"Ray job {on_ray[-1]['submission_id']}: {ray_state}")
     table = Table("point", "settings", "state", "step", "checkpoint", "best val_loss", "best accuracy")
     for point in json.loads(listing.read_text())["points"]:
         run_dir = args.sweep_dir / f"point-{point['index']}"
-        submitted = [e["job_id"] for e in read_ledger(run_dir) if e.get("event") == "submitted"]
-        state = job_state(submitted[-1]).get("JobState", "?") if submitted else "not submitted"
         records = read_metrics(run_dir)
         steps = [r["step"] for r in records if "loss" in r]
+        if on_ray:
+            outcome = read_outcome(run_dir)
+            running = "RUNNING" if steps else "PENDING"
+            state = outcome.outcome.value if outcome else running if ray_state in ("RUNNING", "PENDING") else ray_state
+        else:
+            submitted = [e["job_id"] for e in read_ledger(run_dir) if e.get("event") == "submitted"]
+            state = job_state(submitted[-1]).get("JobState", "?") if submitted else "not submitted"
         val = [r["val_loss"] for r in records if "val_loss" in r]
         acc = [r["accuracy"] for r in records if "accuracy" in r]
         table.add_row(
