@@ -167,8 +167,16 @@ def quiet_ray_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def submit(run_dir: Path, options: RayOptions) -> str:
-    """Submit the prepared run dir's plan; returns the submission id (the same for every attempt)."""
+def preflight(run_dir: Path, options: RayOptions, workers: int, device: str, nodes: list[dict[str, float]]) -> None:
+    """Before anything is written: the upload fits the dashboard's limit and the workers fit the cluster."""
+    if options.working_dir is not None:
+        check_upload_size(options.working_dir, upload_excludes(options.working_dir, run_dir))
+    check_fits(nodes, workers, worker_resources(device, options.cpus_per_worker), options.address)
+
+
+def submit(run_dir: Path, options: RayOptions, command: str | None = None) -> str:
+    """Submit the prepared run dir's plan (checked by `preflight`); returns the submission id (the same
+    for every attempt). `command`: another entrypoint for the same dir (a sweep's driver)."""
     from ray.job_submission import JobStatus
 
     from cluster.ray_train import clear_stop
@@ -176,25 +184,19 @@ def submit(run_dir: Path, options: RayOptions) -> str:
     jobs = client(options.address)
     sid = submission_id(run_dir)
     env = runtime_env(run_dir, options)
-    from launcher.job import RankJob
-
-    request = RankJob.read(run_dir).plan.request
-    check_fits(node_resources(options.address), request.world_size, worker_resources(request.device, options.cpus_per_worker), options.address)
-    if options.working_dir is not None:
-        check_upload_size(options.working_dir, tuple(env["excludes"]))
     earlier = _job_info(jobs, sid)
     if earlier is not None:
         if not JobStatus(earlier.status).is_terminal():
             raise FTLError(
                 f"Ray job {sid} for {run_dir} is still {earlier.status}: one run dir runs one job at a time. Follow it with "
-                f"`ftl logs -f {run_dir}`, or stop it with `ftl cancel {run_dir}` first."
+                f"`ftl logs -f {run_dir}`, or wait for it to end."
             )
         attempt = sum(1 for e in read_ledger(run_dir) if e.get("event") == "submitted")
         (run_dir / f"ray-{sid}-attempt{attempt}.log").write_text(jobs.get_job_logs(sid))
         jobs.delete_job(sid)  # frees the id; its log is kept above
     clear_stop(run_dir)
     quiet_ray_logs()  # the loggers of the modules imported since
-    jobs.submit_job(entrypoint=entrypoint(run_dir, options), submission_id=sid, runtime_env=env)
+    jobs.submit_job(entrypoint=command or entrypoint(run_dir, options), submission_id=sid, runtime_env=env)
     append_ledger(run_dir, {"event": "submitted", "submission_id": sid, "address": options.address})
     return sid
 
@@ -214,15 +216,17 @@ def job_logs(address: str, sid: str) -> str:
     return client(address).get_job_logs(sid)
 
 
-def cancel(run_dir: Path, address: str, sid: str, grace_s: float) -> str:
-    """Ask the ranks to checkpoint and stop (the stop file), wait up to `grace_s` for the job to end, then
-    stop it in Ray (SIGTERM, SIGKILL 3 s later) if it has not. Returns the job's final status."""
+def cancel(run_dir: Path, address: str, sid: str, grace_s: float, stop_dirs: list[Path] | None = None) -> str:
+    """Ask the ranks to checkpoint and stop (the stop file in `run_dir`, or in each of `stop_dirs`: a
+    sweep's points), wait up to `grace_s` for the job to end, then stop it in Ray (SIGTERM, SIGKILL 3 s
+    later) if it has not. Returns the job's final status."""
     from ray.job_submission import JobStatus
 
     from cluster.ray_train import request_stop
 
     append_ledger(run_dir, {"event": "cancelled", "submission_id": sid})
-    request_stop(run_dir, "cancelled with `ftl cancel`")
+    for path in stop_dirs or [run_dir]:
+        request_stop(path, "cancelled with `ftl cancel`")
     jobs = client(address)
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:

@@ -68,31 +68,11 @@ def entrypoint(sweep_dir: Path, options, max_parallel: int | None) -> str:
 
 
 def submit(sweep_dir: Path, options, max_parallel: int | None) -> str:
-    """Submit the written sweep dir as one Ray job; returns its submission id (the same for every attempt).
-    An ended earlier attempt's log is kept in the sweep dir before its id is reused."""
-    from ray.job_submission import JobStatus
-
+    """Submit the written sweep dir as one Ray job (cluster.ray.submit: the id from the sweep dir, an ended
+    earlier attempt's log kept); returns its submission id."""
     from cluster import ray as ray_backend
 
-    jobs = ray_backend.client(options.address)
-    sid = ray_backend.submission_id(sweep_dir)
-    try:
-        earlier = jobs.get_job_info(sid)
-    except RuntimeError:  # unknown id (HTTP 404)
-        earlier = None
-    if earlier is not None:
-        if not JobStatus(earlier.status).is_terminal():
-            raise FTLError(
-                f"Ray job {sid} for the sweep {sweep_dir} is still {earlier.status}: one sweep dir runs one job at a time. "
-                f"Follow it with `ftl sweep-status {sweep_dir}`, or wait for it to end."
-            )
-        attempt = sum(1 for e in ray_backend.read_ledger(sweep_dir) if e.get("event") == "submitted")
-        (sweep_dir / f"ray-{sid}-attempt{attempt}.log").write_text(jobs.get_job_logs(sid))
-        jobs.delete_job(sid)
-    ray_backend.quiet_ray_logs()
-    jobs.submit_job(entrypoint=entrypoint(sweep_dir, options, max_parallel), submission_id=sid, runtime_env=ray_backend.runtime_env(sweep_dir, options))
-    ray_backend.append_ledger(sweep_dir, {"event": "submitted", "submission_id": sid, "address": options.address})
-    return sid
+    return ray_backend.submit(sweep_dir, options, command=entrypoint(sweep_dir, options, max_parallel))
 
 
 # --- job side ----------------------------------------------------------------------------------------

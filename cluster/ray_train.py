@@ -20,7 +20,7 @@ save at once and train on: Ray then restarts the group from that checkpoint, cou
 
 from __future__ import annotations
 
-import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,6 +169,9 @@ def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) 
 
     run_dir = run_dir.resolve()
     job = RankJob.read(run_dir)
+    # The driver needs nothing from its working dir past this point; a node sharing this one's session dir
+    # (two nodes on one host, as in tests) unpacks the job's package again over it, deleting the cwd.
+    os.chdir(run_dir)
     request = job.plan.request
     resources = worker_resources(request.device, cpus_per_worker)
     trainer = build_trainer(job, max_failures, cpus_per_worker)
@@ -210,6 +213,3 @@ def clear_stop(run_dir: Path) -> None:
     """Before a (re)submission: an old request must not stop the new attempt."""
     (run_dir / STOP_FILE).unlink(missing_ok=True)
 
-
-def plan_summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "plan.json").read_text())

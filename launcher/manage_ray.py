@@ -29,17 +29,19 @@ def ray_options(args: argparse.Namespace):
 
 
 def submit_ray(args: argparse.Namespace, spec) -> int:
-    from cluster.ray import entrypoint, node_resources, runtime_env, submit
+    from cluster.ray import entrypoint, node_resources, preflight, runtime_env, submit
     from launcher.cli import console
     from launcher.job import prepare_run_dir
     from launcher.manage import cluster_plan
 
     options = ray_options(args)
+    nodes = node_resources(options.address)
     if spec.hardware.device == "auto":  # the cluster's nodes decide, not this machine
-        device = "cuda" if any(node.get("GPU", 0) > 0 for node in node_resources(options.address)) else "cpu"
+        device = "cuda" if any(node.get("GPU", 0) > 0 for node in nodes) else "cpu"
         spec = spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": device})})
     job_plan = cluster_plan(spec)
     run_dir = spec.output_dir.resolve()
+    preflight(run_dir, options, job_plan.request.world_size, job_plan.request.device, nodes)
     if args.dry_run:
         print(json.dumps({"address": options.address, "entrypoint": entrypoint(run_dir, options), "runtime_env": runtime_env(run_dir, options)}, indent=2))
         return 0
@@ -73,6 +75,12 @@ def cmd_run_ray(args: argparse.Namespace) -> int:
         job_plan = make_job_plan(spec)
         if not job_plan.fits and spec.strategy == "auto":
             raise FTLError(f"The job does not fit: {job_plan.reason} Run `ftl plan` on it for what would fit.")
+        if "_ray_pkg_" in str(spec.output_dir.resolve()):
+            console.print(
+                f"[bold yellow]warning:[/] output_dir {escape(str(spec.output_dir.resolve()))} lies inside this job's uploaded "
+                "working dir, which Ray deletes with the job and other nodes cannot see: set `output_dir` to an absolute "
+                "path on storage every node mounts."
+            )
         prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
         clear_stop(spec.output_dir)
         run_dir = spec.output_dir
@@ -130,9 +138,11 @@ def ray_cancel(run_dir: Path, sid: str) -> int:
     from launcher.cli import console
     from launcher.job import RankJob
 
-    grace_s = RankJob.read(run_dir).plan.save_grace_s
+    listing = run_dir / "sweep.json"  # a sweep: every point's ranks are asked
+    points = [run_dir / f"point-{p['index']}" for p in json.loads(listing.read_text())["points"]] if listing.is_file() else [run_dir]
+    grace_s = max(RankJob.read(point).plan.save_grace_s for point in points)
     console.print(f"asking job {sid}'s ranks to checkpoint and stop (waiting up to {grace_s} s)...")
-    status = cancel(run_dir, ray_address(run_dir, sid), sid, grace_s)
+    status = cancel(run_dir, ray_address(run_dir, sid), sid, grace_s, stop_dirs=points)
     console.print(f"cancelled Ray job {sid} ({escape(str(run_dir))}): {status}; its last checkpoint stays; `ftl submit` again resumes from it")
     return 0
 
