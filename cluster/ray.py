@@ -47,7 +47,7 @@ def node_resources(address: str) -> list[dict[str, float]]:
     from ray.util.state import list_nodes
 
     try:
-        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
     except Exception as exc:  # the state API raises its own and requests' errors: all mean "not reachable"
         raise FTLError(
             f"Cannot reach the Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}). Start the cluster (`ray start "

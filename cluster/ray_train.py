@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from launcher.job import RankJob
 
 STOP_FILE = "stop-request"  # written by `ftl cancel`; its text is the reason
+CONTROLLER_RETRIES = 2  # worker-group starts (60 s each) that may fail beyond max_failures while a node is replaced
 PREEMPTION_POLL_S = 1.0  # how often the ranks ask Ray about pre-emption; drain windows are tens of seconds
 
 
@@ -149,8 +150,9 @@ def build_trainer(job: RankJob, max_failures: int, cpus_per_worker: float | None
             storage_path=str(job.run_dir.parent),
             name=job.run_dir.name,
             # Starting the worker group is the controller's part: when it cannot (a node gone and not replaced),
-            # Ray would retry for ever; it gets the same budget as the workers, so the job ends with the reason.
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
+            # Ray retries every minute for ever by default. FTL waits a couple of minutes more than the workers'
+            # budget for a replacement node, then ends the job with the reason.
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures + CONTROLLER_RETRIES),
             # FTL keeps and prunes its own checkpoints (`checkpoint.keep`); Ray only keeps the pointers.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=list(callbacks),

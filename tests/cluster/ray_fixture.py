@@ -1,15 +1,17 @@
 """A real two-node Ray on this machine, for tests (tests/ray/start-local-ray.sh): a head with resource
 `node1` and a second node with resource `node2`, both at 127.0.0.1 with 1 CPU each, every port on loopback.
 
-Use it by importing the fixture into a test module: `from tests.cluster.ray_fixture import local_ray`.
-The fixture starts the cluster (idempotent: instant when it is up), stops it when the module is done, and
+tests/cluster/conftest.py registers the fixture for the tests/cluster package: the cluster starts once (idempotent:
+instant when it is up) for every Ray test there and stops when the package is done, and
 skips only where Ray is not installed; any other failure to start fails the test with the script's output.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +43,25 @@ class LocalRay:
         """Stop only the second node (its raylet, agents and workers); the GCS marks it dead at once."""
         _run_script("stop-node2.sh", self.env, timeout_s=60)
 
+    def kill_node2(self) -> None:
+        """Lose the second node at once: SIGKILL to its whole process group (raylet, agents, workers), as a
+        machine that dies or a spot reclaim past its deadline. Returns once the GCS has marked it dead (its
+        health checks take a few seconds): a node started on the same ports before that was seen to exit."""
+        from ray.util.state import list_nodes
+
+        recorded = dict(line.split("=", 1) for line in (self.tmp_dir / "nodes.env").read_text().split())
+        try:
+            os.killpg(int(recorded["NODE2_PID"]), signal.SIGKILL)
+        except ProcessLookupError:  # gone already: a drained node's raylet exits by itself once it is idle
+            pass
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            nodes = list_nodes(address=self.address, filters=[("node_id", "=", recorded["NODE2_ID"])], raise_on_missing_output=False)
+            if all(node.state == "DEAD" for node in nodes):
+                return
+            time.sleep(1)
+        raise AssertionError(f"node2 {recorded['NODE2_ID']} still not DEAD 90 s after SIGKILL")
+
     def start_node2(self) -> str:
         """Start the second node again (same ports, resource `node2`); return its new node id."""
         return _run_script("start-node2.sh", self.env, timeout_s=120).stdout.strip().splitlines()[-1]
@@ -64,7 +85,7 @@ def _run_script(name: str, env: dict[str, str], timeout_s: float) -> subprocess.
     return done
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def local_ray():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(

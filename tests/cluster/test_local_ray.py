@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.cluster.ray_fixture import local_ray, placement_groups  # noqa: F401 (local_ray is a fixture)
+from tests.cluster.ray_fixture import placement_groups
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 this machine, 1 CPU each, loopback only): a 2-worker job spreads over both nodes, `ftl cancel` ends it at a
 checkpoint and a resubmission of the same job continues it; a worker killed with SIGKILL and a whole node
 removed are survived with the loss after the resume equal to an uninterrupted run's; a pre-emption notice
-from Ray saves a checkpoint and the restart it causes does not spend `max_failures`; LoRA and QLoRA run;
+from Ray saves a checkpoint at once and training goes on; LoRA and QLoRA run;
 mistakes (a working dir over Ray's upload limit, more workers than the cluster has) are refused before
 anything is written."""
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from cluster.ray import read_ledger, submission_id
-from tests.cluster.ray_fixture import LocalRay, local_ray  # noqa: F401 (fixture)
+from tests.cluster.ray_fixture import LocalRay
 from tests.conftest import logged_losses, metric_records, run_ftl, tiny_spec, write_spec
 
 pytestmark = pytest.mark.slow
@@ -81,7 +81,7 @@ def train_workers(ray: LocalRay, state: str | None = "ALIVE") -> list:
     from ray.util.state import list_actors
 
     filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", state)] if state else [])
-    return list_actors(address=ray.address, filters=filters, detail=True, limit=1000)
+    return list_actors(address=ray.address, filters=filters, detail=True, limit=1000, raise_on_missing_output=False)
 
 
 def resumed_steps(run_dir: Path) -> list[int]:
@@ -147,7 +147,7 @@ def test_node_removed_mid_run_resumes_when_it_is_back(tmp_path: Path, local_ray:
     run_dir = submit(job, local_ray, "--max-failures", "1")
     wait_until(lambda: reached(run_dir, 30), 180, "step 30")
     started = time.monotonic()
-    local_ray.stop_node2()
+    local_ray.kill_node2()  # the machine is gone, its worker with it
     time.sleep(3)
     local_ray.start_node2()  # a replacement node joins, as an autoscaler would bring one
     assert wait_ended(local_ray, run_dir) == "SUCCEEDED", job_logs(local_ray, run_dir)[-4000:]
@@ -157,26 +157,28 @@ def test_node_removed_mid_run_resumes_when_it_is_back(tmp_path: Path, local_ray:
     assert sorted(logged_losses(run_dir)) == list(range(1, 401))
 
 
-def test_preemption_notice_checkpoints_and_the_restart_spends_no_failure(tmp_path: Path, local_ray: LocalRay) -> None:
-    job = ray_job(tmp_path, "preempted", max_steps=600, every=0)
+def test_preemption_notice_saves_a_checkpoint_and_training_goes_on(tmp_path: Path, local_ray: LocalRay) -> None:
+    """Ray's notice that node2 will be reclaimed (the drain an autoscaler sends for a spot instance): the ranks
+    save at once and keep training; with `max_failures=0` the job still succeeds. (When the node then goes,
+    Ray restarts the group from that checkpoint against `max_preemption_failures`: Ray's part, not tested here.)"""
+    job = ray_job(tmp_path, "preempted", max_steps=300, every=0)
     run_dir = submit(job, local_ray, "--max-failures", "0")
     wait_until(lambda: reached(run_dir, 5), 180, "step 5")
-    node2 = local_ray.node_ids()["node2"]
     drain = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", local_ray.gcs_address, "--node-id", node2,
-         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "60"],
+        [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", local_ray.gcs_address, "--node-id", local_ray.node_ids()["node2"],
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "900"],
         capture_output=True, text=True, env=local_ray.env,
     )
     assert drain.returncode == 0, drain.stderr
-    wait_until(lambda: any(r.get("event") == "checkpoint_requested" for r in metric_records(run_dir)), 60, "the just-in-time checkpoint")
-    saved = next(r for r in metric_records(run_dir) if r.get("event") == "checkpoint_requested")
-    assert "pre-empted" in saved["detail"] and (run_dir / "checkpoints" / f"step-{saved['step']}" / "manifest.json").is_file()
-    node2_pid = int(dict(line.split("=", 1) for line in (local_ray.tmp_dir / "nodes.env").read_text().split())["NODE2_PID"])
-    os.killpg(node2_pid, signal.SIGKILL)  # the reclaim: the node is gone at once, its worker with it
-    local_ray.start_node2()  # the replacement
-    assert wait_ended(local_ray, run_dir, timeout_s=300) == "SUCCEEDED", job_logs(local_ray, run_dir)[-4000:]
-    assert resumed_steps(run_dir) and resumed_steps(run_dir)[0] >= saved["step"]
-    assert sorted(logged_losses(run_dir)) == list(range(1, 601))
+    try:
+        assert wait_ended(local_ray, run_dir) == "SUCCEEDED", job_logs(local_ray, run_dir)[-4000:]
+    finally:
+        local_ray.kill_node2()  # a drained node takes no new work: replace it for the tests after this one
+        local_ray.start_node2()
+    saved = [r for r in metric_records(run_dir) if r.get("event") == "checkpoint_requested"]
+    assert len(saved) == 1 and "about to be pre-empted" in saved[0]["detail"], saved
+    assert (run_dir / "checkpoints" / f"step-{saved[0]['step']}" / "manifest.json").is_file()
+    assert 5 <= saved[0]["step"] < 300 and sorted(logged_losses(run_dir)) == list(range(1, 301)) and not resumed_steps(run_dir)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

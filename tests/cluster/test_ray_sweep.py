@@ -20,7 +20,7 @@ import pytest
 
 from cluster.ray import read_ledger, submission_id
 from cluster.ray_sweep import concurrent_trials, render_table
-from tests.cluster.ray_fixture import LocalRay, local_ray, placement_groups  # noqa: F401 (local_ray is a fixture)
+from tests.cluster.ray_fixture import LocalRay, placement_groups
 from tests.conftest import run_ftl
 
 GRID = ["train.lr=1e-3,3e-3", "train.seed=0,1"]

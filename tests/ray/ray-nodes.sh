@@ -129,13 +129,14 @@ wait_node_alive() {
 
 # Stop the node whose leader is pid $1: SIGTERM to the leader alone, whose handler (Ray's own) drains the
 # node, so the GCS marks it dead at once, and stops its processes in order (~1 s for node2, ~5 s for the
-# head; a SIGTERM to the whole group at once took over 15 s). SIGKILL to the group for what is left.
+# head; a SIGTERM to the whole group at once took over 15 s). SIGKILL to the group for what is left after
+# $STOP_GRACE_S (30 s; the full stop uses less: nothing there needs a graceful drain).
 stop_node_group() {
-    local pid=$1 i
+    local pid=$1 i grace=${STOP_GRACE_S:-30}
     group_alive "$pid" || return 0
     kill -TERM "$pid" 2>/dev/null
-    for i in $(seq 60); do group_alive "$pid" || return 0; sleep 0.5; done
-    log "process group $pid still alive 30 s after SIGTERM; sending SIGKILL"
+    for i in $(seq $((grace * 2))); do group_alive "$pid" || return 0; sleep 0.5; done
+    log "process group $pid still alive $grace s after SIGTERM; sending SIGKILL"
     kill -KILL -- "-$pid" 2>/dev/null
     for i in $(seq 10); do group_alive "$pid" || return 0; sleep 0.5; done
     die "process group $pid survived SIGKILL."

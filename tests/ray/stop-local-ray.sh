@@ -7,6 +7,7 @@ SCRIPT=stop-local-ray
 . "$(dirname "${BASH_SOURCE[0]}")/ray-nodes.sh"
 
 read_nodes_env
+STOP_GRACE_S=${STOP_GRACE_S:-8}
 stop_node_group "$NODE2_PID"
 stop_node_group "$HEAD_PID"
 rm -f "$NODES_ENV"
