@@ -1,5 +1,5 @@
 """Ray backend, host side: `ftl submit --to ray` hands the prepared run dir to a Ray cluster through Ray's
-Job Submission API (what `ray job submit` does); `job_info`, `job_logs` and `cancel` ask it about the
+Job Submission API (what `ray job submit` does); `job_info` and `cancel` ask it about the
 job. The job side (the entrypoint, Ray Train, the workers) is cluster/ray_train.py.
 
 The submission id derives from the run dir (`ftl-<name>-<hash of its path>`), so a resubmission of the
@@ -49,10 +49,7 @@ def node_resources(address: str) -> list[dict[str, float]]:
     try:
         nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False)
     except Exception as exc:  # the state API raises its own and requests' errors: all mean "not reachable"
-        raise FTLError(
-            f"Cannot reach the Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}). Start the cluster (`ray start "
-            "--head --dashboard-host 127.0.0.1`), or pass `--address http://HEAD:8265` / set RAY_ADDRESS."
-        ) from None
+        raise unreachable(address, exc) from None
     return [dict(node.resources_total) for node in nodes]
 
 
@@ -143,6 +140,13 @@ def check_upload_size(working_dir: Path, excludes: tuple[str, ...], limit_bytes:
     )
 
 
+def unreachable(address: str, exc: Exception) -> FTLError:
+    return FTLError(
+        f"Cannot reach the Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}). Start the cluster (`ray start "
+        "--head --dashboard-host 127.0.0.1`), or pass `--address http://HEAD:8265` / set RAY_ADDRESS."
+    )
+
+
 def client(address: str):
     """A Job Submission client, with Ray's token auth set explicitly: if ~/.ray/auth_token exists Ray turns
     it on by itself, and a cluster started without it then refuses every call."""
@@ -154,10 +158,7 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise FTLError(
-            f"Cannot reach the Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}). Start the cluster (`ray start "
-            "--head --dashboard-host 127.0.0.1`), or pass `--address http://HEAD:8265` / set RAY_ADDRESS."
-        ) from None
+        raise unreachable(address, exc) from None
 
 
 def quiet_ray_logs() -> None:
@@ -210,10 +211,6 @@ def job_info(address: str, sid: str) -> dict:
         return {}
     return {"status": JobStatus(info.status).value, "message": info.message or "",
             "start_time": info.start_time, "end_time": info.end_time}
-
-
-def job_logs(address: str, sid: str) -> str:
-    return client(address).get_job_logs(sid)
 
 
 def cancel(run_dir: Path, address: str, sid: str, grace_s: float, stop_dirs: list[Path] | None = None) -> str:

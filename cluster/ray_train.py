@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.errors import FTLError
-from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, Outcome, read_outcome
+from launcher.outcome import EXIT_PREEMPTED, Outcome, read_outcome
 
 if TYPE_CHECKING:
     from launcher.job import RankJob
@@ -203,7 +203,7 @@ def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) 
         print(f"FTL on Ray: stopped on request ({result.detail}); resubmit to continue (exit {EXIT_PREEMPTED})", flush=True)
     if result.outcome is Outcome.ERROR:
         print(f"error: {result.detail}", file=sys.stderr, flush=True)
-    return {Outcome.PREEMPTED: EXIT_PREEMPTED, Outcome.ERROR: EXIT_USER_ERROR}.get(result.outcome, 0)
+    return result.exit_code
 
 
 def request_stop(run_dir: Path, reason: str) -> None:

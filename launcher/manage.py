@@ -314,7 +314,7 @@ def resolve_target(target: str) -> tuple[Path, str, str]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from cluster.slurm import checkpoint_step, job_state, read_ledger
+    from cluster.slurm import job_state, read_ledger
     from launcher.cli import console
     from launcher.job import RankJob
 
@@ -332,15 +332,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_row("run dir", str(run_dir))
     causes = ", ".join(f"{e['cause']} at step {e['step']} -> {e['decision']}" for e in ends) or "none"
     table.add_row("attempts", f"{len(ends)} ended ({causes})")
-    if steps:
-        last = steps[-1]
-        table.add_row("step", f"{last['step']}" + (f" / {max_steps}" if max_steps else ""))
-        table.add_row("loss", f"{last['loss']:.4f}")
-        table.add_row("tokens/s", f"{last.get('tokens_per_s', 0):,.0f}")
-        eta = eta_s(steps, max_steps)
-        if eta is not None and state.get("JobState") == "RUNNING":
-            table.add_row("ETA", time.strftime("%H:%M:%S", time.gmtime(eta)))
-    table.add_row("checkpoint", f"step {checkpoint_step(run_dir)}")
+    add_progress_rows(table, run_dir, steps, max_steps, running=state.get("JobState") == "RUNNING")
     console.print(table)
     return 0
 
@@ -375,6 +367,21 @@ def cmd_logs(args: argparse.Namespace) -> int:
         if not args.follow or job_state(job_id).get("JobState") in (None, "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"):
             return 0
         time.sleep(1)
+
+
+def add_progress_rows(table: Table, run_dir: Path, steps: list[dict], max_steps: int | None, running: bool) -> None:
+    """The rows every backend's `ftl status` shows from the run dir: step, loss, tokens/s, ETA, checkpoint."""
+    from cluster.slurm import checkpoint_step
+
+    if steps:
+        last = steps[-1]
+        table.add_row("step", f"{last['step']}" + (f" / {max_steps}" if max_steps else ""))
+        table.add_row("loss", f"{last['loss']:.4f}")
+        table.add_row("tokens/s", f"{last.get('tokens_per_s', 0):,.0f}")
+        eta = eta_s(steps, max_steps)
+        if eta is not None and running:
+            table.add_row("ETA", time.strftime("%H:%M:%S", time.gmtime(eta)))
+    table.add_row("checkpoint", f"step {checkpoint_step(run_dir)}")
 
 
 def eta_s(steps: list[dict], max_steps: int | None) -> float | None:

@@ -98,10 +98,9 @@ def ray_address(run_dir: Path, sid: str) -> str:
 
 def ray_status(run_dir: Path, sid: str) -> int:
     from cluster.ray import job_info, read_ledger
-    from cluster.slurm import checkpoint_step
     from launcher.cli import console
     from launcher.job import RankJob
-    from launcher.manage import eta_s
+    from launcher.manage import add_progress_rows
     from launcher.outcome import read_outcome
 
     info = job_info(ray_address(run_dir, sid), sid)
@@ -120,15 +119,7 @@ def ray_status(run_dir: Path, sid: str) -> int:
     outcome = read_outcome(run_dir)
     if outcome is not None and state not in ("RUNNING", "PENDING"):
         table.add_row("outcome", f"{outcome.outcome.value} at step {outcome.step}" + (f" ({outcome.detail})" if outcome.detail else ""))
-    if steps:
-        last = steps[-1]
-        table.add_row("step", f"{last['step']}" + (f" / {max_steps}" if max_steps else ""))
-        table.add_row("loss", f"{last['loss']:.4f}")
-        table.add_row("tokens/s", f"{last.get('tokens_per_s', 0):,.0f}")
-        eta = eta_s(steps, max_steps)
-        if eta is not None and state == "RUNNING":
-            table.add_row("ETA", time.strftime("%H:%M:%S", time.gmtime(eta)))
-    table.add_row("checkpoint", f"step {checkpoint_step(run_dir)}")
+    add_progress_rows(table, run_dir, steps, max_steps, running=state == "RUNNING")
     console.print(table, width=max(console.width, 120))
     return 0
 

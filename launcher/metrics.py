@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MetricsLog:
@@ -78,6 +80,8 @@ def memory_record(strategy, device: torch.device) -> dict[str, int]:
     """This rank's model-state bytes (parameters incl. 4-bit storage, gradients, optimizer states, each
     storage counted once) and its peak memory: RSS on CPU, allocated device memory on CUDA."""
     import resource
+
+    import torch  # here, not at the top: `ftl status` and `ftl logs` read metrics without torch
 
     seen: set[int] = set()
 

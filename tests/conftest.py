@@ -110,6 +110,17 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metric_records(run_dir) if "loss" in r}
 
 
+def wait_until(predicate, timeout_s: float, what: str) -> float:
+    """Poll every 0.5 s until `predicate()` holds; return the seconds it took."""
+    import time
+
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
 def wait_for(predicate, timeout: float = 120) -> None:
     import time
 

@@ -8,11 +8,11 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from tests.cluster.ray_fixture import placement_groups
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -21,15 +21,6 @@ def alive_nodes(address: str) -> list:
     from ray.util.state import list_nodes
 
     return [n for n in list_nodes(address=address, detail=True, raise_on_missing_output=False) if n.state == "ALIVE"]
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> float:
-    """Poll every 0.5 s; return the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 def run_driver(local_ray, code: str) -> dict:

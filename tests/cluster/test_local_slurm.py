@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until
 
 START_SCRIPT = REPO / "tests/slurm/start-local-slurm.sh"
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
@@ -50,15 +50,6 @@ def slurm(env: dict[str, str], *argv: str) -> str:
 def job_state(env: dict[str, str], job_id: str) -> str:
     fields = dict(f.split("=", 1) for f in slurm(env, "scontrol", "show", "job", "-o", job_id).split() if "=" in f)
     return fields["JobState"]
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> float:
-    """Poll once a second (the machine is shared); return the seconds it took."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.5)
-    return time.monotonic() - start
 
 
 def wait_state(env: dict[str, str], job_id: str, state: str, timeout_s: float = 60) -> None:

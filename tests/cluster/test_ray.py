@@ -21,7 +21,7 @@ import pytest
 
 from cluster.ray import read_ledger, submission_id
 from tests.cluster.ray_fixture import LocalRay
-from tests.conftest import logged_losses, metric_records, run_ftl, tiny_spec, write_spec
+from tests.conftest import logged_losses, metric_records, run_ftl, tiny_spec, wait_until, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -57,13 +57,6 @@ def job_logs(ray: LocalRay, run_dir: Path) -> str:
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(ray.address).get_job_logs(submission_id(run_dir))
-
-
-def wait_until(predicate, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < end, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(0.5)
 
 
 def wait_ended(ray: LocalRay, run_dir: Path, timeout_s: float = 240) -> str:
