@@ -71,7 +71,10 @@ def submit(sweep_dir: Path, options, max_parallel: int | None) -> str:
     """Submit the written sweep dir as one Ray job (cluster.ray.submit: the id from the sweep dir, an ended
     earlier attempt's log kept); returns its submission id."""
     from cluster import ray as ray_backend
+    from cluster.ray_train import clear_stop
 
+    for point in read_points(sweep_dir):  # a cancel asked every point's ranks; the new attempt must not stop
+        clear_stop(point_dir(sweep_dir, point["index"]))
     return ray_backend.submit(sweep_dir, options, command=entrypoint(sweep_dir, options, max_parallel))
 
 

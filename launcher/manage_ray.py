@@ -129,8 +129,10 @@ def ray_cancel(run_dir: Path, sid: str) -> int:
     from launcher.cli import console
     from launcher.job import RankJob
 
-    listing = run_dir / "sweep.json"  # a sweep: every point's ranks are asked
-    points = [run_dir / f"point-{p['index']}" for p in json.loads(listing.read_text())["points"]] if listing.is_file() else [run_dir]
+    from cluster.ray_sweep import SWEEP_FILE, point_dir, read_points
+
+    is_sweep = (run_dir / SWEEP_FILE).is_file()  # a sweep: every point's ranks are asked
+    points = [point_dir(run_dir, p["index"]) for p in read_points(run_dir)] if is_sweep else [run_dir]
     grace_s = max(RankJob.read(point).plan.save_grace_s for point in points)
     console.print(f"asking job {sid}'s ranks to checkpoint and stop (waiting up to {grace_s} s)...")
     status = cancel(run_dir, ray_address(run_dir, sid), sid, grace_s, stop_dirs=points)

@@ -9,7 +9,6 @@ skips only where Ray is not installed; any other failure to start fails the test
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -44,16 +43,16 @@ class LocalRay:
         _run_script("stop-node2.sh", self.env, timeout_s=60)
 
     def kill_node2(self) -> None:
-        """Lose the second node at once: SIGKILL to its whole process group (raylet, agents, workers), as a
+        """Lose the second node at once: SIGKILL to every process of its session (raylet, agents, workers), as a
         machine that dies or a spot reclaim past its deadline. Returns once the GCS has marked it dead (its
         health checks take a few seconds): a node started on the same ports before that was seen to exit."""
         from ray.util.state import list_nodes
 
         recorded = dict(line.split("=", 1) for line in (self.tmp_dir / "nodes.env").read_text().split())
-        try:
-            os.killpg(int(recorded["NODE2_PID"]), signal.SIGKILL)
-        except ProcessLookupError:  # gone already: a drained node's raylet exits by itself once it is idle
-            pass
+        # The whole session, not the process group: Ray starts each worker in a process group of its own
+        # (seen here: an actor's pgid is its pid, its session the node's), so a group kill leaves the workers.
+        # Nothing left (exit 1) is fine: a drained node's raylet exits by itself once it is idle.
+        subprocess.run(["pkill", "-KILL", "--session", recorded["NODE2_PID"]], check=False)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             nodes = list_nodes(address=self.address, filters=[("node_id", "=", recorded["NODE2_ID"])], raise_on_missing_output=False)
