@@ -41,9 +41,19 @@ class RayOptions:
     cpus_per_worker: float | None = None  # default: 8 per GPU worker, 1 per CPU worker
 
 
+def auth_mode() -> str:
+    """Set Ray's client auth mode explicitly (Ray guesses from files otherwise): the user's RAY_AUTH_MODE
+    if set; else `token` when a token is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token),
+    else `disabled`."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").is_file()
+        os.environ["RAY_AUTH_MODE"] = "token" if has_token else "disabled"
+    return os.environ["RAY_AUTH_MODE"]
+
+
 def node_resources(address: str) -> list[dict[str, float]]:
     """The total resources of each alive node of the cluster behind the dashboard at `address`."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    auth_mode()
     from ray.util.state import list_nodes
 
     try:
@@ -62,10 +72,15 @@ def worker_resources(device: str, cpus_per_worker: float | None) -> dict[str, fl
     return resources
 
 
+def worker_slots(nodes: list[dict[str, float]], per_worker: dict[str, float]) -> int:
+    """How many workers of `per_worker` resources the nodes hold at once (a worker never spans nodes)."""
+    return sum(int(min(node.get(key, 0.0) // need for key, need in per_worker.items() if need > 0)) for node in nodes)
+
+
 def check_fits(nodes: list[dict[str, float]], workers: int, per_worker: dict[str, float], address: str) -> None:
     """Refuse a job whose workers cannot all be placed on the cluster's alive nodes now: Ray Train would
     otherwise retry starting the group every minute, for ever (an infeasible request is not an error to it)."""
-    fit = sum(int(min(node.get(key, 0.0) // need for key, need in per_worker.items() if need > 0)) for node in nodes)
+    fit = worker_slots(nodes, per_worker)
     if fit < workers:
         have = ", ".join(f"{{CPU: {n.get('CPU', 0):g}, GPU: {n.get('GPU', 0):g}}}" for n in nodes) or "no alive node"
         raise FTLError(
@@ -141,6 +156,13 @@ def check_upload_size(working_dir: Path, excludes: tuple[str, ...], limit_bytes:
 
 
 def unreachable(address: str, exc: Exception) -> FTLError:
+    text = str(exc)
+    if type(exc).__name__ == "AuthenticationError" or "401" in text or "403" in text or "nauthorized" in text:
+        return FTLError(
+            f"The Ray cluster at {address} refused FTL's request: it asks for token authentication and this client's "
+            f"RAY_AUTH_MODE is {os.environ.get('RAY_AUTH_MODE')!r} ({text.splitlines()[0][:200] if text else type(exc).__name__}). "
+            "Set RAY_AUTH_MODE=token and give the cluster's token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)."
+        )
     return FTLError(
         f"Cannot reach the Ray dashboard at {address} ({str(exc).splitlines()[0][:200]}). Start the cluster (`ray start "
         "--head --dashboard-host 127.0.0.1`), or pass `--address http://HEAD:8265` / set RAY_ADDRESS."
@@ -150,14 +172,15 @@ def unreachable(address: str, exc: Exception) -> FTLError:
 def client(address: str):
     """A Job Submission client, with Ray's token auth set explicitly: if ~/.ray/auth_token exists Ray turns
     it on by itself, and a cluster started without it then refuses every call."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    auth_mode()
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     quiet_ray_logs()
 
     try:
         return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
         raise unreachable(address, exc) from None
 
 
@@ -168,18 +191,42 @@ def quiet_ray_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def preflight(run_dir: Path, options: RayOptions, workers: int, device: str, nodes: list[dict[str, float]]) -> None:
-    """Before anything is written: the upload fits the dashboard's limit and the workers fit the cluster."""
+def check_options(options: RayOptions) -> None:
+    """The submit flags themselves, before the cluster is asked anything."""
+    if options.cpus_per_worker is not None and not options.cpus_per_worker > 0:
+        raise FTLError(f"`--cpus-per-worker {options.cpus_per_worker:g}`: Ray reserves this many CPUs per worker; give a number above 0 (e.g. 1, 0.5).")
+    if options.max_failures < -1:
+        raise FTLError(f"`--max-failures {options.max_failures}`: give 0 or more restarts (-1: no limit).")
+    if options.working_dir is not None and not options.working_dir.is_dir():
+        raise FTLError(f"`--working-dir {options.working_dir}` is not a folder here: give the folder Ray uploads for the job (the repo with the code), or `--no-working-dir`.")
+
+
+def preflight(run_dir: Path, options: RayOptions, plans: list, nodes: list[dict[str, float]]) -> None:
+    """Before anything is written: the run dir's job is not running, the upload fits the dashboard's
+    limit and each plan's workers fit the cluster (`plans`: the job's plan, or a sweep's points')."""
+    check_not_running(run_dir, options.address)
     if options.working_dir is not None:
         check_upload_size(options.working_dir, upload_excludes(options.working_dir, run_dir))
-    check_fits(nodes, workers, worker_resources(device, options.cpus_per_worker), options.address)
+    for plan in plans:
+        check_fits(nodes, plan.request.world_size, worker_resources(plan.request.device, options.cpus_per_worker), options.address)
+
+
+def check_not_running(run_dir: Path, address: str) -> None:
+    """One run dir runs one job at a time: refuse while Ray still runs (or queues) the run dir's job."""
+    from ray.job_submission import JobStatus
+
+    sid = submission_id(run_dir)
+    earlier = _job_info(client(address), sid)
+    if earlier is not None and not JobStatus(earlier.status).is_terminal():
+        raise FTLError(
+            f"Ray job {sid} for {run_dir} is still {earlier.status}: one run dir runs one job at a time. Follow it with "
+            f"`ftl logs -f {run_dir}`, wait for it to end, or `ftl cancel {run_dir}`."
+        )
 
 
 def submit(run_dir: Path, options: RayOptions, command: str | None = None) -> str:
     """Submit the prepared run dir's plan (checked by `preflight`); returns the submission id (the same
     for every attempt). `command`: another entrypoint for the same dir (a sweep's driver)."""
-    from ray.job_submission import JobStatus
-
     from cluster.ray_train import clear_stop
 
     jobs = client(options.address)
@@ -187,11 +234,7 @@ def submit(run_dir: Path, options: RayOptions, command: str | None = None) -> st
     env = runtime_env(run_dir, options)
     earlier = _job_info(jobs, sid)
     if earlier is not None:
-        if not JobStatus(earlier.status).is_terminal():
-            raise FTLError(
-                f"Ray job {sid} for {run_dir} is still {earlier.status}: one run dir runs one job at a time. Follow it with "
-                f"`ftl logs -f {run_dir}`, or wait for it to end."
-            )
+        check_not_running(run_dir, options.address)  # checked before anything was written; a race ends here
         attempt = sum(1 for e in read_ledger(run_dir) if e.get("event") == "submitted")
         (run_dir / f"ray-{sid}-attempt{attempt}.log").write_text(jobs.get_job_logs(sid))
         jobs.delete_job(sid)  # frees the id; its log is kept above

@@ -50,8 +50,9 @@ def point_dir(sweep_dir: Path, index: int) -> Path:
 def concurrent_trials(nodes: list[dict[str, float]], workers: int, per_worker: dict[str, float]) -> int:
     """How many trials of `workers` workers each can hold their whole worker sets at once: the workers that
     fit on each node (whole workers: a worker never spans nodes), summed, divided by a trial's."""
-    slots = sum(int(min(node.get(key, 0.0) // need for key, need in per_worker.items() if need > 0)) for node in nodes)
-    return slots // max(workers, 1)
+    from cluster.ray import worker_slots
+
+    return worker_slots(nodes, per_worker) // max(workers, 1)
 
 
 # --- host side ---------------------------------------------------------------------------------------
@@ -88,10 +89,15 @@ def trial(config: dict) -> dict:
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from cluster.ray_train import build_trainer
+    from cluster.ray_train import STOP_FILE, build_trainer
     from launcher.job import RankJob
+    from launcher.outcome import clear_outcome
 
-    job = RankJob.read(point_dir(Path(config["sweep_dir"]), config["point"]))
+    run_dir = point_dir(Path(config["sweep_dir"]), config["point"])
+    if (run_dir / STOP_FILE).is_file():  # `ftl cancel` reached the sweep before this point started
+        return {"point": config["point"], "started_at": None, "ended_at": None, "failure": "", "not_started": True}
+    job = RankJob.read(run_dir)
+    clear_outcome(run_dir)
     trainer = build_trainer(job, config["max_failures"], config["cpus_per_worker"], callbacks=(TuneReportCallback(),))
     started, failure = time.time(), ""
     try:
@@ -104,7 +110,7 @@ def trial(config: dict) -> dict:
 def result_rows(sweep_dir: Path, points: list[dict], trials: dict[int, dict]) -> list[dict]:
     """One row per point, from its run dir (outcome.json, metrics.jsonl) and its trial's times."""
     from launcher.metrics import read_metrics
-    from launcher.outcome import read_outcome
+    from launcher.outcome import Outcome, Result, read_outcome
 
     rows = []
     for point in points:
@@ -114,6 +120,8 @@ def result_rows(sweep_dir: Path, points: list[dict], trials: dict[int, dict]) ->
         val = [r["val_loss"] for r in records if "val_loss" in r]
         result = read_outcome(run_dir)
         ran = trials.get(point["index"], {})
+        if ran.get("not_started"):
+            result = Result(Outcome.PREEMPTED, losses[-1]["step"] if losses else 0, detail="cancelled before it started; resubmit to run it")
         rows.append({
             "point": point["index"],
             "settings": " ".join(point["overrides"]),

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.errors import FTLError
-from launcher.outcome import EXIT_PREEMPTED, Outcome, read_outcome
+from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR, Outcome, Result, clear_outcome, read_outcome
 
 if TYPE_CHECKING:
     from launcher.job import RankJob
@@ -107,27 +107,37 @@ def worker(config: dict) -> None:
     import torch.distributed as dist
 
     from launcher.entries import run_rank
+    from launcher.outcome import write_outcome
     from launcher.rank_env import RankEnv
 
     run_dir = Path(config["run_dir"])
     env = RankEnv.from_env()  # Ray sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE
-    # Every worker must see the run dir the driver wrote (checkpoints are shared there): agree first, so a
-    # node without it fails every rank at once instead of leaving the others in a collective.
-    seen = torch.tensor([int((run_dir / "plan.json").is_file())])
-    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-    if not seen.item():
-        raise FTLError(
-            f"Some Ray worker cannot see the run dir {run_dir} (no plan.json there). FTL's checkpoints and plan live in "
-            "`output_dir`, which every Ray node must mount at the same path (a shared filesystem: NFS, Lustre, a "
-            "Kubernetes volume). Set `output_dir` to such a path."
-        )
-    stop = RayStop(run_dir)
+    # A restart after a mistake in the job (outcome.json says so; the driver cleared it before this fit):
+    # the same mistake would come back, so every worker returns and the driver exits 2 with it.
+    ended = read_outcome(run_dir)
+    failed = torch.tensor([int(ended is not None and ended.outcome is Outcome.ERROR)])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        return
     try:
-        run_rank(run_dir, stop, env, after_publish=report_checkpoint)
+        # Every worker must see the run dir the driver wrote (checkpoints are shared there): agree first, so a
+        # node without it fails every rank at once instead of leaving the others in a collective.
+        seen = torch.tensor([int((run_dir / "plan.json").is_file())])
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        if not seen.item():
+            raise FTLError(
+                f"Some Ray worker cannot see the run dir {run_dir} (no plan.json there). FTL's checkpoints and plan live in "
+                "`output_dir`, which every Ray node must mount at the same path (a shared filesystem: NFS, Lustre, a "
+                "Kubernetes volume). Set `output_dir` to such a path."
+            )
+        run_rank(run_dir, RayStop(run_dir), env, after_publish=report_checkpoint)
     except FTLError as exc:
-        # A mistake in the job: rank 0 wrote it to outcome.json and the driver exits 2 with it. Returning
-        # (not raising) keeps Ray from retrying a job that would fail the same way each time.
+        # A mistake in the job. It may be this rank's alone (a node without a GPU), with the others waiting in a
+        # collective: raising ends the worker group at once. The restart then finds outcome.json and returns.
         print(f"error (rank {env.rank}): {exc}", file=sys.stderr, flush=True)
+        if run_dir.is_dir() and read_outcome(run_dir) is None:  # rank 0's own (with its step) wins
+            write_outcome(run_dir, Result(Outcome.ERROR, 0, detail=str(exc)))
+        raise
 
 
 def build_trainer(job: RankJob, max_failures: int, cpus_per_worker: float | None = None, callbacks: tuple = ()):
@@ -142,6 +152,7 @@ def build_trainer(job: RankJob, max_failures: int, cpus_per_worker: float | None
 
     request = job.plan.request
     resources = worker_resources(request.device, cpus_per_worker)
+    forget_ray_checkpoints(job.run_dir)
     return TorchTrainer(
         worker,
         train_loop_config={"run_dir": str(job.run_dir)},
@@ -152,13 +163,27 @@ def build_trainer(job: RankJob, max_failures: int, cpus_per_worker: float | None
             # Starting the worker group is the controller's part: when it cannot (a node gone and not replaced),
             # Ray retries every minute for ever by default. FTL waits a couple of minutes more than the workers'
             # budget for a replacement node, then ends the job with the reason.
-            failure_config=ray.train.FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures + CONTROLLER_RETRIES),
+            # Ray counts both limits over the whole run, not per incident; -1 is no limit for both.
+            failure_config=ray.train.FailureConfig(
+                max_failures=max_failures, controller_failure_limit=-1 if max_failures < 0 else max_failures + CONTROLLER_RETRIES
+            ),
             # FTL keeps and prunes its own checkpoints (`checkpoint.keep`); Ray only keeps the pointers.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=list(callbacks),
         ),
         torch_config=TorchConfig(backend=default_group_backend(request.device), timeout_s=int(job.spec.train.collective_timeout_s)),
     )
+
+
+def forget_ray_checkpoints(run_dir: Path) -> None:
+    """Before a new attempt: drop Ray's record of the checkpoints reported so far. FTL resumes from its own
+    `latest` and prunes old checkpoints itself (`checkpoint.keep`); Ray's record still names the pruned
+    ones and refuses to start a run over them ("a reference to a checkpoint that does not exist anymore")."""
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as name
+    except ImportError:  # internal: the name Ray 2.5x-2.6x use
+        name = "checkpoint_manager_snapshot.json"
+    (run_dir / name).unlink(missing_ok=True)
 
 
 def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) -> int:
@@ -174,6 +199,7 @@ def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) 
     # The driver needs nothing from its working dir past this point; a node sharing this one's session dir
     # (two nodes on one host, as in tests) unpacks the job's package again over it, deleting the cwd.
     os.chdir(run_dir)
+    clear_outcome(run_dir)  # only this fit's workers may write the outcome the exit code comes from
     request = job.plan.request
     resources = worker_resources(request.device, cpus_per_worker)
     trainer = build_trainer(job, max_failures, cpus_per_worker)
@@ -186,6 +212,10 @@ def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) 
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as exc:
+        ended = read_outcome(run_dir)
+        if ended is not None and ended.outcome is Outcome.ERROR:  # a mistake in the job, found by a rank
+            print(f"error: {ended.detail}", file=sys.stderr, flush=True)
+            return EXIT_USER_ERROR
         first = str(exc).strip().splitlines()
         print(
             f"FTL on Ray: training failed after {time.monotonic() - start:.0f} s and {max_failures} restart(s) allowed "

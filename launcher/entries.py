@@ -38,19 +38,13 @@ def run_rank(
     it. Leaves a process group it did not create alive (and destroys the ones it did)."""
     job = RankJob.read(run_dir)
     env = env or RankEnv.from_env()
+    try:
+        device, plan = plan_for_world(job, env)  # before anything is written
+    except FTLError as exc:
+        if env.is_main:
+            write_outcome(job.run_dir, Result(Outcome.ERROR, 0, detail=str(exc)))
+        raise
     planned = job.plan.request
-    device = resolve_device(planned.device, env.local_rank, str(run_dir / "plan.json"))  # before anything is written
-    plan = job.plan
-    if env.world_size != planned.world_size:
-        if not (checkpoint_root(job.run_dir) / LATEST).is_file():
-            raise FTLError(
-                f"The plan {run_dir / 'plan.json'} was made for {planned.world_size} ranks ({planned.nodes} node(s) x "
-                f"{planned.gpus_per_node}), but {env.world_size} ranks started. Ranks run the plan they are given: "
-                f"re-plan for this world with `ftl run JOB.yaml --nodes N --gpus G`, which writes a new plan."
-            )
-        # Resuming on another world size (a requeue on fewer nodes, Ray restarting fewer workers): re-plan openly,
-        # keeping the strategy so its checkpoint loads; the trainer logs a `replanned` event.
-        plan = replan_for_world(job.plan, max(env.world_size // env.local_world_size, 1), env.local_world_size)
     runtime = RankRuntime.start(env, device, planned.precision, job.spec.train.collective_timeout_s)
     trainer = Trainer(job, plan, runtime, stop, before_publish=before_publish, after_publish=after_publish)
     try:
@@ -70,6 +64,34 @@ def run_rank(
         # destroyed joins the group's threads in its destructor and can hang forever (seen here).
         gc.collect()
         runtime.close()
+
+
+def plan_for_world(job: RankJob, env: RankEnv) -> tuple:
+    """(device, plan) for the ranks that started: the plan as written, or re-planned openly for another
+    world size when a checkpoint is there to resume from."""
+    planned = job.plan.request
+    device = resolve_device(planned.device, env.local_rank, str(job.run_dir / "plan.json"))
+    plan = job.plan
+    if env.world_size != planned.world_size:
+        if not (checkpoint_root(job.run_dir) / LATEST).is_file():
+            raise FTLError(
+                f"The plan {job.run_dir / 'plan.json'} was made for {planned.world_size} ranks ({planned.nodes} node(s) x "
+                f"{planned.gpus_per_node}), but {env.world_size} ranks started. Ranks run the plan they are given: "
+                f"re-plan for this world with `ftl run JOB.yaml --nodes N --gpus G`, which writes a new plan."
+            )
+        # Resuming on another world size (a requeue on fewer nodes, Ray restarting fewer workers): re-plan openly,
+        # keeping the strategy so its checkpoint loads; the trainer logs a `replanned` event.
+        plan = replan_for_world(job.plan, max(env.world_size // env.local_world_size, 1), env.local_world_size)
+    elif planned.nodes > 1 and env.local_world_size != planned.gpus_per_node and env.local_rank == 0 and plan.strategy.startswith("fsdp2"):
+        # Ray places workers where resources are free: HSDP's shard groups (planned per node) then span nodes.
+        # Correct, only slower; say so once per node.
+        print(
+            f"warning: this node runs {env.local_world_size} ranks, the plan {planned.gpus_per_node} per node: {plan.strategy}'s "
+            "shard groups span nodes (correct, but their all-gathers cross the network). Give the cluster nodes of "
+            f"{planned.gpus_per_node} GPUs, or plan for the nodes it has (`--gpus`).",
+            file=sys.stderr, flush=True,
+        )
+    return device, plan
 
 
 def main(argv: list[str] | None = None, stop: SignalStop | None = None) -> int:

@@ -138,12 +138,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _sweep_ray(args: argparse.Namespace) -> int:
     """`ftl sweep --to ray`: the points planned for the Ray cluster's devices, each checked to fit it, then
     one Ray job (its id derived from the sweep dir, recorded in the sweep dir's ray ledger)."""
-    from cluster.ray import check_fits, check_upload_size, node_resources, runtime_env, upload_excludes, worker_resources
+    from cluster.ray import check_options, node_resources, preflight, runtime_env, worker_resources
     from cluster.ray_sweep import concurrent_trials, entrypoint, submit
     from launcher.cli import console
     from launcher.manage_ray import ray_options
 
     options = ray_options(args)
+    check_options(options)
     nodes = node_resources(options.address)
     device = "cuda" if any(node.get("GPU", 0) > 0 for node in nodes) else "cpu"  # `auto`: the cluster's nodes decide
 
@@ -153,10 +154,7 @@ def _sweep_ray(args: argparse.Namespace) -> int:
         return spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": device})})
 
     sweep = plan_sweep(args, on_cluster)
-    for job_plan in sweep.plans:
-        check_fits(nodes, job_plan.request.world_size, worker_resources(job_plan.request.device, options.cpus_per_worker), options.address)
-    if options.working_dir is not None:
-        check_upload_size(options.working_dir, upload_excludes(options.working_dir, sweep.sweep_dir))
+    preflight(sweep.sweep_dir, options, sweep.plans, nodes)
     workers = max(p.request.world_size for p in sweep.plans)
     at_once = concurrent_trials(nodes, workers, worker_resources(sweep.plans[0].request.device, options.cpus_per_worker))
     at_once = min(at_once, args.max_parallel or at_once)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 from rich.markup import escape
@@ -29,19 +28,20 @@ def ray_options(args: argparse.Namespace):
 
 
 def submit_ray(args: argparse.Namespace, spec) -> int:
-    from cluster.ray import entrypoint, node_resources, preflight, runtime_env, submit
+    from cluster.ray import check_options, entrypoint, node_resources, preflight, runtime_env, submit
     from launcher.cli import console
     from launcher.job import prepare_run_dir
     from launcher.manage import cluster_plan
 
     options = ray_options(args)
+    check_options(options)
     nodes = node_resources(options.address)
     if spec.hardware.device == "auto":  # the cluster's nodes decide, not this machine
         device = "cuda" if any(node.get("GPU", 0) > 0 for node in nodes) else "cpu"
         spec = spec.model_copy(update={"hardware": spec.hardware.model_copy(update={"device": device})})
     job_plan = cluster_plan(spec)
     run_dir = spec.output_dir.resolve()
-    preflight(run_dir, options, job_plan.request.world_size, job_plan.request.device, nodes)
+    preflight(run_dir, options, [job_plan], nodes)
     if args.dry_run:
         print(json.dumps({"address": options.address, "entrypoint": entrypoint(run_dir, options), "runtime_env": runtime_env(run_dir, options)}, indent=2))
         return 0
@@ -141,18 +141,20 @@ def ray_cancel(run_dir: Path, sid: str) -> int:
 
 
 def ray_logs(run_dir: Path, sid: str, follow: bool) -> int:
-    from ray.job_submission import JobStatus
+    from cluster.ray import client, job_info
 
-    from cluster.ray import client
+    address = ray_address(run_dir, sid)
+    if not job_info(address, sid):
+        raise FTLError(f"The Ray cluster at {address} has no job {sid} (for {run_dir}): it was never submitted there, or the cluster was restarted since. Its ranks' output stays in the run dir's metrics.jsonl.")
+    jobs = client(address)
+    if not follow:
+        print(jobs.get_job_logs(sid), end="", flush=True)
+        return 0
+    import asyncio
 
-    jobs = client(ray_address(run_dir, sid))
-    shown = 0
-    while True:
-        text = jobs.get_job_logs(sid)
-        print(text[shown:], end="", flush=True)
-        shown = len(text)
-        if not follow or JobStatus(jobs.get_job_info(sid).status).is_terminal():
-            if follow:  # what was written between the last read and the end
-                print(jobs.get_job_logs(sid)[shown:], end="", flush=True)
-            return 0
-        time.sleep(1)
+    async def tail() -> None:  # Ray streams new output over a websocket until the job ends
+        async for chunk in jobs.tail_job_logs(sid):
+            print(chunk, end="", flush=True)
+
+    asyncio.run(tail())
+    return 0

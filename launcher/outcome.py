@@ -51,7 +51,7 @@ class Result:
 def write_outcome(run_dir: Path, result: Result) -> None:
     """Rank 0, after the last collective: how the run ended, for whoever launched it (`ftl run` turns it
     into its exit code; torchrun reports any non-zero worker exit as its own exit 1)."""
-    tmp = run_dir / (OUTCOME_FILE + ".tmp")
+    tmp = run_dir / f"{OUTCOME_FILE}.{os.getpid()}.tmp"  # any rank may write an error: one temp file each
     tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     os.replace(tmp, run_dir / OUTCOME_FILE)
 

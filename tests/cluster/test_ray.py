@@ -87,6 +87,9 @@ def test_job_spreads_over_two_nodes_cancel_saves_and_resubmission_continues(tmp_
     wait_until(lambda: reached(run_dir, 8), 180, "step 8")
     nodes = {w.node_id for w in train_workers(local_ray)}
     assert len(nodes) == 2, f"the 2 workers share a node: {nodes}"
+    busy = run_ftl("submit", str(job), "--to", "ray", "--no-resume", env=local_ray.env)  # would move its files aside
+    assert busy.returncode == 2 and "is still RUNNING" in busy.stderr, busy.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run", "run.yaml"]
 
     cancel = run_ftl("cancel", str(run_dir), env=local_ray.env)
     assert cancel.returncode == 0, cancel.stderr
@@ -201,4 +204,29 @@ def test_mistakes_are_refused_before_anything_is_written(tmp_path: Path, local_r
     assert refused.returncode == 2 and "weights.bin (110.0 MiB)" in refused.stderr and "100 MiB limit" in refused.stderr, refused.stderr
     too_many = run_ftl("submit", str(job), "--to", "ray", "--gpus", "3", env=local_ray.env)
     assert too_many.returncode == 2 and "needs 3 Ray workers" in too_many.stderr and "can place 2" in too_many.stderr, too_many.stderr
+    for flags, said in ((["--cpus-per-worker", "0"], "--cpus-per-worker 0"), (["--working-dir", str(tmp_path / "nowhere")], "is not a folder")):
+        bad = run_ftl("submit", str(job), "--to", "ray", *flags, env=local_ray.env)
+        assert bad.returncode == 2 and said in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not (tmp_path / "big").exists()
+
+
+def test_a_mistake_found_by_the_ranks_ends_the_job_with_exit_2(tmp_path: Path, local_ray: LocalRay) -> None:
+    """A mistake only the ranks find (an empty data file): every rank stops before training, the group ends
+    at once (no collective timeout), the restart Ray makes finds the error in outcome.json and returns
+    instead of failing the same way again, and the job exits 2 with the paragraph."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    job = ray_job(tmp_path, "nodata", max_steps=5, every=0, data={"train": str(empty)})
+    run_dir = submit(job, local_ray, "--max-failures", "1")
+    assert wait_ended(local_ray, run_dir, timeout_s=180) == "FAILED"
+    logs = job_logs(local_ray, run_dir)
+    assert "error: " in logs and "empty.jsonl" in logs, logs[-3000:]
+    assert "exit code 2" in local_ray_message(local_ray, run_dir), logs[-3000:]
+    assert json.loads((run_dir / "outcome.json").read_text())["outcome"] == "error"
+    assert not logged_losses(run_dir)  # no step was taken
+
+
+def local_ray_message(ray: LocalRay, run_dir: Path) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray.address).get_job_info(submission_id(run_dir)).message or ""
