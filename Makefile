@@ -23,7 +23,7 @@ demo: setup
 # The Slurm tests use a real local Slurm; where it cannot start (not root, no apt) they skip and say why.
 test: setup
 	bash tests/slurm/start-local-slurm.sh || echo "make test: the local Slurm did not start (reason above)"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 .PHONY: slurm-up slurm-down
 

@@ -1,22 +1,29 @@
-"""Training data: local files read through HF `datasets`, tokenized, packed into fixed-length blocks,
-and served to each rank in a seeded order whose position can be saved and restored."""
+"""Training data for the ranks: sources tokenized once into a memory-mapped cache (launcher/token_cache.py),
+mixed by weight into one global stream (launcher/mixture.py), cut into each rank's micro-batches.
+
+The stream's position is global counters (launcher/mixture.py), the same at any world size: resume is
+exact, on the same or another number of ranks.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import datasets
+import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
 from launcher.errors import FTLError
-from launcher.spec import JobSpec
+from launcher.formats import Fields, detect_format
+from launcher.mixture import Mixture
+from launcher.spec import JobSpec, SourceSpec
+from launcher.token_cache import CachedSource, default_cache_dir, ensure, open_entry, read_rows
 
-datasets.disable_progress_bars()  # one bar per rank per file is noise in the training log
-
-_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+Examples = dict[str, torch.Tensor]  # model inputs by name, all with the example count as first dim
 
 
 def build_tokenizer(spec: JobSpec) -> PreTrainedTokenizerBase:
@@ -42,183 +49,224 @@ def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
         )
 
 
-def read_table(path: Path, columns: list[str]) -> datasets.Dataset:
-    try:
-        table = datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises many types for a malformed file; all mean "fix the file"
-        raise FTLError(f"Cannot read data file {path}: {exc}. Check that it is valid {path.suffix[1:]}.") from None
-    for column, field in columns:
-        if column not in table.column_names:
-            raise FTLError(
-                f"Data file {path} has no column {column!r} (columns: {', '.join(table.column_names)}). "
-                f"Set `data.{field}` to the column that holds it."
-            )
-    return table
-
-
-def load_texts(path: Path, text_field: str) -> list[str]:
-    return [t for t in read_table(path, [(text_field, "text_field")])[text_field] if t]
-
-
-def pack(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, source: Path) -> torch.Tensor:
-    """Concatenate tokenized texts (each ending in EOS) and cut into [n_blocks, seq_len]."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    flat = [tok for seq in ids for tok in (*seq, eos)]
-    n_blocks = len(flat) // seq_len
-    if n_blocks == 0:
-        raise FTLError(
-            f"Data file {source} holds {len(flat)} tokens, fewer than one sequence of `train.seq_len`={seq_len}. "
-            "Add data or lower train.seq_len."
-        )
-    return torch.tensor(flat[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
-
-
-Examples = dict[str, torch.Tensor]  # model inputs by name, all with the example count as first dim
-
-
-def load_blocks(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, path: Path) -> torch.Tensor:
-    return pack(load_texts(path, spec.data.text_field), tokenizer, spec.train.seq_len, path)
-
-
-def load_examples(
-    spec: JobSpec, tokenizer: PreTrainedTokenizerBase, path: Path, label_names: list[str] | None = None
-) -> tuple[Examples, list[str] | None]:
-    """The model inputs of a data file for the job's task, and the class names (classification).
-    Pass the training file's `label_names` when reading validation data so ids agree."""
-    if spec.task.name == "classification":
-        return _classification(spec, tokenizer, path, label_names)
-    if spec.task.completion_only_loss:
-        return _completions(spec, tokenizer, path), None
-    texts = load_texts(path, spec.data.text_field)
-    if spec.data.few_shot and path == spec.data.train:
-        texts = _sample(texts, spec.data.few_shot, spec.train.seed)
-    blocks = pack(texts, tokenizer, spec.train.seq_len, path)
-    return {"input_ids": blocks, "labels": blocks}, None
-
-
-def _sample(items: list, k: int, seed: int) -> list:
-    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [items[i] for i in sorted(order[:k])]
-
-
-def _completions(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, path: Path) -> Examples:
-    """Prompt + completion + EOS per example, truncated and right-padded to seq_len; the loss is on the
-    completion only (labels -100 on the prompt and the padding)."""
+def fields_of(spec: JobSpec) -> Fields:
     data = spec.data
-    table = read_table(path, [(data.prompt_field, "prompt_field"), (data.completion_field, "completion_field")])
-    rows = list(zip(table[data.prompt_field], table[data.completion_field]))
-    if data.few_shot and path == data.train:
-        rows = _sample(rows, data.few_shot, spec.train.seed)
-    seq_len, pad = spec.train.seq_len, _pad_id(tokenizer)
-    inputs, labels = [], []
-    for prompt, completion in rows:
-        p = tokenizer(prompt or "", add_special_tokens=False)["input_ids"]
-        c = tokenizer(completion or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids, lab = (p + c)[:seq_len], ([-100] * len(p) + c)[:seq_len]
-        if all(t == -100 for t in lab):
-            continue  # the prompt fills the whole sequence: nothing to learn from
-        inputs.append(ids + [pad] * (seq_len - len(ids)))
-        labels.append(lab + [-100] * (seq_len - len(lab)))
-    if not inputs:
-        raise FTLError(f"Data file {path}: every prompt is longer than `train.seq_len`={seq_len}; raise seq_len.")
-    ids = torch.tensor(inputs)
-    return {"input_ids": ids, "attention_mask": (torch.tensor(labels) != -100) | (ids != pad), "labels": torch.tensor(labels)}
+    return Fields(text=data.text_field, prompt=data.prompt_field, completion=data.completion_field,
+                  messages=data.messages_field, label=data.label_field)
 
 
-def _classification(
-    spec: JobSpec, tokenizer: PreTrainedTokenizerBase, path: Path, label_names: list[str] | None
-) -> tuple[Examples, list[str]]:
-    data, num_labels = spec.data, spec.task.num_labels
-    table = read_table(path, [(data.text_field, "text_field"), (data.label_field, "label_field")])
-    texts, raw = table[data.text_field], table[data.label_field]
-    if label_names is None:
-        if all(isinstance(v, int) for v in raw):
-            bad = sorted({v for v in raw if not 0 <= v < num_labels})
-            if bad:
-                raise FTLError(
-                    f"Data file {path}, column {data.label_field!r}: label ids {bad[:5]} are outside 0..{num_labels - 1} "
-                    f"(`task.num_labels` is {num_labels}). Raise num_labels or fix the labels."
-                )
-            label_names = [str(i) for i in range(num_labels)]
-        else:
-            found = sorted({str(v) for v in raw})
-            if len(found) > num_labels:
-                raise FTLError(
-                    f"Data file {path}, column {data.label_field!r}, has {len(found)} classes ({', '.join(found[:8])}) but "
-                    f"`task.num_labels` is {num_labels}. Set task.num_labels to {len(found)}."
-                )
-            label_names = found + [f"unused_{i}" for i in range(len(found), num_labels)]
-    index = {name: i for i, name in enumerate(label_names)}
-    unknown = sorted({str(v) for v in raw} - set(index))
-    if unknown:
-        raise FTLError(f"Data file {path}, column {data.label_field!r}: labels {unknown[:5]} do not occur in the training file.")
-    labels = [index[str(v)] for v in raw]
-    rows = [(t, y) for t, y in zip(texts, labels) if t]
-    if data.few_shot and path == data.train:
-        rows = _few_shot_per_class(rows, data.few_shot, spec.train.seed)
-    encoded = tokenizer(
-        [t for t, _ in rows], truncation=True, max_length=spec.train.seq_len, padding="max_length", return_tensors="pt"
-    )
-    examples = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": torch.tensor([y for _, y in rows])}
-    return examples, label_names
+def resolve_format(spec: JobSpec, path: Path, fmt: str | None) -> str:
+    """The row format of a file: as given, else from the task and the file's columns."""
+    fmt = fmt or spec.data.format
+    if spec.task.name == "classification":
+        return "classification"
+    if fmt == "auto" and spec.task.completion_only_loss:
+        return "completion"
+    if fmt != "auto":
+        return fmt
+    columns = read_rows(path).column_names
+    try:
+        return detect_format(columns, spec.task.name, fields_of(spec))
+    except ValueError as exc:
+        raise FTLError(f"Data file {path}: {exc} Set `data.format` (or the source's `format`) and the field names.") from None
 
 
-def _few_shot_per_class(rows: list[tuple[str, int]], k: int, seed: int) -> list[tuple[str, int]]:
-    """k examples of each class, drawn with the seed (fewer if a class has fewer)."""
-    picked = []
-    for label in sorted({y for _, y in rows}):
-        picked += _sample([r for r in rows if r[1] == label], k, seed + label)
-    return picked
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def cached_source(spec: JobSpec, path: Path, fmt: str | None) -> CachedSource:
+    fmt = resolve_format(spec, path, fmt)
+    pack = spec.data.pack if spec.data.pack is not None else fmt == "text"
+    return CachedSource(path, fmt, fields_of(spec), pack and fmt != "classification", spec.train.seq_len, spec.data.on_bad_rows)
 
 
 @dataclass
-class BlockStream:
-    """This rank's endless stream of micro-batches: a seeded permutation per epoch (DistributedSampler),
-    each rank taking its own slice. `position` (epoch, index) is all that exact resume needs."""
+class Source:
+    """A tokenized source, memory-mapped: rows of `input_ids` and `labels` (or `label`, classification)."""
 
-    examples: Examples
-    micro_batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    epoch: int = 0
-    index: int = 0
-
-    def __post_init__(self) -> None:
-        per_rank = len(self) // self.world_size
-        if per_rank < self.micro_batch_size:
-            raise FTLError(
-                f"The data holds {len(self)} training sequences, too few for {self.world_size} ranks x "
-                f"micro_batch_size {self.micro_batch_size}. Add data, or lower train.seq_len or train.micro_batch_size."
-            )
-        self._order = self._epoch_order()
+    name: str
+    weight: float
+    rows: datasets.Dataset
+    stats: dict
+    built: bool  # tokenized by this launch (else read from the cache)
 
     def __len__(self) -> int:
-        return len(self.examples["input_ids"])
+        return len(self.rows)
 
-    def _epoch_order(self) -> list[int]:
-        sampler = DistributedSampler(
-            range(len(self)), num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.seed, drop_last=True
+
+def open_sources(
+    spec: JobSpec, tokenizer: PreTrainedTokenizerBase, sources: list[SourceSpec], builder: bool = True,
+    agree: Callable[[bool], bool] = lambda failed: failed,
+) -> list[Source]:
+    """The sources, tokenized into the cache if missing. Collective when ranks call it: the `builder` (one
+    rank per node) tokenizes, `agree` (any rank failed?) tells the others whether to go on."""
+    cache_dir = spec.data.cache_dir or default_cache_dir()
+    plans = [cached_source(spec, s.path, s.format) for s in sources]
+    error: FTLError | None = None
+    built: set[int] = set()
+    if builder:
+        try:
+            built = {i for i, plan in enumerate(plans) if ensure(plan, tokenizer, cache_dir, spec.data.num_proc)[2]}
+        except FTLError as exc:
+            error = exc
+    if agree(error is not None):
+        raise error or FTLError("Preparing the training data failed on another node (its rank 0 printed why).")
+    opened = []
+    for i, (source, plan) in enumerate(zip(sources, plans)):
+        folder, stats, _ = ensure(plan, tokenizer, cache_dir, spec.data.num_proc)
+        opened.append(Source(source.label, source.weight, open_entry(folder), stats, i in built))
+    if spec.task.name == "causal_lm" and sum(s.stats["supervised_tokens"] for s in opened) == 0:
+        raise FTLError(
+            f"The training data supervises zero tokens (no completion or assistant turn survives `train.seq_len`="
+            f"{spec.train.seq_len}): training would learn nothing. Check `data.format` and the field names, or raise seq_len."
         )
-        sampler.set_epoch(self.epoch)
-        return list(sampler)
+    return opened
+
+
+# -- classification labels -----------------------------------------------------------------------
+
+
+def label_names_of(spec: JobSpec, sources: list[Source]) -> list[str]:
+    """Class names in id order: integer labels are ids 0..num_labels-1; names are sorted."""
+    raw = sorted({v for s in sources for v in s.rows.with_format("arrow")["label"].to_pylist()})
+    source = sources[0]
+    num_labels = spec.task.num_labels
+    if all(re.fullmatch(r"-?\d+", v) for v in raw):
+        bad = [v for v in raw if not 0 <= int(v) < num_labels]
+        if bad:
+            raise FTLError(
+                f"Data file {source.stats['file']}, column {spec.data.label_field!r}: label ids {bad[:5]} are outside "
+                f"0..{num_labels - 1} (`task.num_labels` is {num_labels}). Raise num_labels or fix the labels."
+            )
+        return [str(i) for i in range(num_labels)]
+    if len(raw) > num_labels:
+        raise FTLError(
+            f"Data file {source.stats['file']}, column {spec.data.label_field!r}, has {len(raw)} classes ({', '.join(raw[:8])}) but "
+            f"`task.num_labels` is {num_labels}. Set task.num_labels to {len(raw)}."
+        )
+    return raw + [f"unused_{i}" for i in range(len(raw), num_labels)]
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Rows -> model inputs of `seq_len`: packed blocks as they are (position ids only where the model
+    keeps attention within a document), other rows truncated and right-padded with masked labels."""
+
+    seq_len: int
+    pad_id: int
+    label_ids: dict[str, int] | None = None  # classification: class name -> id
+    doc_positions: bool = False
+
+    def __call__(self, rows: list[dict]) -> Examples:
+        n, seq = len(rows), self.seq_len
+        ids = np.full((n, seq), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, seq), dtype=np.int64)
+        labels = np.full((n, seq), -100, dtype=np.int64)
+        for i, row in enumerate(rows):
+            length = min(len(row["input_ids"]), seq)
+            ids[i, :length] = row["input_ids"][:length]
+            mask[i, :length] = 1
+            if self.label_ids is None:
+                labels[i, :length] = row["labels"][:length]
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if self.label_ids is not None:
+            unknown = sorted({row["label"] for row in rows} - set(self.label_ids))
+            if unknown:
+                raise FTLError(f"Labels {unknown[:5]} do not occur in the training data's classes {list(self.label_ids)[:8]}.")
+            batch["labels"] = torch.tensor([self.label_ids[row["label"]] for row in rows])
+        else:
+            batch["labels"] = torch.from_numpy(labels)
+            if self.doc_positions and "position_ids" in rows[0]:
+                batch["position_ids"] = torch.from_numpy(np.stack([np.asarray(r["position_ids"], dtype=np.int64)[:seq] for r in rows]))
+        return batch
+
+
+def collator(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None, doc_positions: bool = False) -> Collator:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    labels = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
+    return Collator(spec.train.seq_len, pad, labels, doc_positions)
+
+
+class TrainStream:
+    """This rank's endless micro-batches from the global mixture stream: each micro-batch takes `world x
+    micro_batch_size` draws and this rank keeps its own `micro_batch_size` of them."""
+
+    def __init__(self, sources: list[Source], collate: Collator, micro_batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.sources, self.collate = sources, collate
+        self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
+        self.mixture = Mixture(tuple(s.weight for s in sources), tuple(len(s) for s in sources), seed)
+        self.last_sources: list[int] = []  # the source of each example of the last batch (per-source loss)
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def next_draws(self) -> list[tuple[int, int]]:
+        draws = self.mixture.draws(self.world_size * self.micro_batch_size)
+        mine = self.rank * self.micro_batch_size
+        return draws[mine : mine + self.micro_batch_size]
 
     def next_batch(self) -> Examples:
-        if self.index + self.micro_batch_size > len(self._order):
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._epoch_order()
-        take = self._order[self.index : self.index + self.micro_batch_size]
-        self.index += self.micro_batch_size
-        return {name: tensor[take] for name, tensor in self.examples.items()}
+        draws = self.next_draws()
+        self.last_sources = [source for source, _ in draws]
+        return self.collate([self.sources[source].rows[int(row)] for source, row in draws])
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def state_dict(self) -> dict:
+        return {"mixture": self.mixture.state_dict()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._order = self._epoch_order()
+    def load_state_dict(self, state: dict) -> None:
+        if "mixture" not in state:
+            raise FTLError("The checkpoint's data position predates FTL's cached, mixed data stream; start the run again (`--no-resume`).")
+        try:
+            self.mixture.load_state_dict(state["mixture"])
+        except ValueError as exc:
+            raise FTLError(f"The training data changed since the checkpoint ({exc}): resume with the same data, or start again with `--no-resume`.") from None
+
+
+# -- whole files (validation, tests) ----------------------------------------------------------------
+
+
+def load_examples(
+    spec: JobSpec, tokenizer: PreTrainedTokenizerBase, path: Path, label_names: list[str] | None = None,
+    builder: bool = True, agree: Callable[[bool], bool] = lambda failed: failed, fmt: str | None = None,
+) -> tuple[Examples, list[str] | None]:
+    """Every row of a data file as model inputs (through the cache), and the class names (classification).
+    Pass the training data's `label_names` when reading validation data so ids agree; ranks pass
+    `builder` and `agree` as to `open_sources`."""
+    (source,) = open_sources(spec, tokenizer, [SourceSpec(path=path, format=fmt)], builder, agree)
+    if spec.task.name == "classification" and label_names is None:
+        label_names = label_names_of(spec, [source])
+    rows = [source.rows[i] for i in range(len(source))]
+    return collator(spec, tokenizer, label_names)(rows), label_names
+
+
+def few_shot_rows(spec: JobSpec, source: Source, k: int, seed: int) -> list[int]:
+    """k rows of each class (classification) or k rows (causal LM), drawn with the seed, sorted."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    if spec.task.name != "classification":
+        return sorted(rng.permutation(len(source))[:k].tolist())
+    labels = np.asarray(source.rows.with_format("arrow")["label"].to_pylist())
+    picked: list[int] = []
+    for name in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == name)
+        if len(members) < k:
+            raise FTLError(f"`data.few_shot` is {k} but class {name!r} of {source.stats['file']} has {len(members)} examples. Lower few_shot or add examples.")
+        picked += rng.permutation(members)[:k].tolist()
+    return sorted(picked)
+
+
+def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, sources: list[int], count: int) -> torch.Tensor:
+    """[count, 2]: each source's summed loss and number of supervised targets in this micro-batch (causal
+    LM: next-token cross-entropy per token; classification: per example). For `loss/<source>` logs."""
+    logits = logits.detach().float()
+    if labels.dim() == 1:  # classification
+        losses, weights = torch.nn.functional.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels, dtype=torch.float)
+    else:
+        logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the outputs
+        targets = labels[:, 1:]
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        losses, weights = per_token.sum(dim=1), (targets != -100).sum(dim=1).float()
+    out = torch.zeros(count, 2, device=logits.device)
+    index = torch.tensor(sources, device=logits.device)
+    out[:, 0].index_add_(0, index, losses)
+    out[:, 1].index_add_(0, index, weights)
+    return out

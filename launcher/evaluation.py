@@ -41,7 +41,8 @@ class EarlyStopping:
 def evaluate(
     spec: JobSpec, model: torch.nn.Module, examples: Examples, ctx: RankContext, group: dist.ProcessGroup | None = None
 ) -> dict[str, float]:
-    """Validation loss (and accuracy, macro-F1 for classification) over the whole validation file; the
+    """Validation loss, and next-token accuracy on the supervised tokens (causal LM) or accuracy and macro-F1
+    (classification), over the whole validation file; the
     sums are reduced as CPU tensors on `group` (the runtime's gloo control group).
 
     Every rank runs the same number of forwards (ranks with fewer examples repeat one with weight 0):
@@ -54,7 +55,7 @@ def evaluate(
     n_batches = -(-per_rank // mb)
     num_labels = spec.task.num_labels or 0
     confusion = torch.zeros(max(num_labels, 1), max(num_labels, 1), dtype=torch.float64)
-    sums = torch.zeros(2, dtype=torch.float64)  # loss * count, count
+    sums = torch.zeros(4, dtype=torch.float64)  # loss * count, count; causal LM: next tokens right, supervised
     with eval_mode(model):
         for i in range(n_batches):
             take = mine[i * mb : (i + 1) * mb]
@@ -62,13 +63,20 @@ def evaluate(
             batch = {name: t[take or [0]].to(ctx.device) for name, t in examples.items()}
             with ctx.autocast():
                 out = model(**batch)
-            sums += torch.tensor([out.loss.float().item() * weight, weight], dtype=torch.float64)
+            sums[:2] += torch.tensor([out.loss.float().item() * weight, weight], dtype=torch.float64)
+            if not num_labels and weight:  # teacher-forced next-token accuracy on the supervised tokens
+                labels = batch["labels"][:, 1:]
+                predicted = out.logits[:, -batch["labels"].shape[1] :][:, :-1].argmax(-1)  # prompt tuning prepends
+                supervised = labels != -100
+                sums[2:] += torch.tensor([(predicted == labels)[supervised].sum().item(), supervised.sum().item()], dtype=torch.float64)
             if num_labels and weight:
                 pred = out.logits.argmax(-1).cpu()
                 for y, yhat in zip(batch["labels"].cpu().tolist(), pred.tolist()):
                     confusion[y, yhat] += 1
     dist.all_reduce(sums, group=group)
     metrics = {"val_loss": (sums[0] / sums[1].clamp(min=1)).item()}
+    if not num_labels:
+        metrics["token_accuracy"] = (sums[2] / sums[3].clamp(min=1)).item()
     if num_labels:
         dist.all_reduce(confusion, group=group)  # summed counts across ranks; torchmetrics would need the same
         metrics.update(classification_metrics(confusion))

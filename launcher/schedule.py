@@ -1,16 +1,14 @@
 """The run's schedule: its phases, and the cadence at which the loop logs, evaluates and stops.
 
-Today every job has one phase, spanning steps 1..`train.max_steps` over `data.train`; continual phases
-with replay (the data issue) add entries here, and the trainer already asks which phase a step is in
-and saves the phase index in its state. Pure: no I/O, no torch.
+A job without `data.phases` has one phase, steps 1..`train.max_steps` over `data.train` (or
+`data.mixture`); continual jobs have one per `data.phases` entry, back to back, each replaying a share
+of the earlier phases' sources. Pure: no I/O, no torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-
-from launcher.spec import JobSpec
+from launcher.spec import JobSpec, SourceSpec
 
 
 @dataclass(frozen=True)
@@ -18,7 +16,10 @@ class Phase:
     name: str
     first_step: int  # 1-based, inclusive
     last_step: int  # inclusive
-    train_data: Path
+    sources: tuple[SourceSpec, ...]  # the phase's training mixture
+    replay: float = 0.0  # share of examples drawn from `replayed`
+    replayed: tuple[SourceSpec, ...] = ()  # the earlier phases' sources
+    replay_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,15 @@ class Schedule:
     @classmethod
     def from_spec(cls, spec: JobSpec) -> "Schedule":
         train = spec.train
-        only = Phase("train", 1, train.max_steps, spec.data.train)
-        return cls((only,), train.max_steps, train.stop_at, train.log_every, train.eval_every)
+        if spec.data.phases is None:
+            phases = (Phase("train", 1, train.max_steps, tuple(spec.data.sources)),)
+        else:
+            phases, first, earlier = [], 1, []
+            for p in spec.data.phases:
+                phases.append(Phase(p.name, first, first + p.steps - 1, tuple(p.mixture), p.replay, tuple(earlier) if p.replay else (), p.replay_rows))
+                first, earlier = first + p.steps, earlier + [s for s in p.mixture if s.label not in {e.label for e in earlier}]
+            phases = tuple(phases)
+        return cls(phases, train.max_steps, train.stop_at, train.log_every, train.eval_every)
 
     @property
     def last_step(self) -> int:
@@ -45,6 +53,10 @@ class Schedule:
             if phase.first_step <= step <= phase.last_step:
                 return i
         return len(self.phases) - 1
+
+    def is_phase_end(self, step: int) -> bool:
+        """The last step of a phase of a continual job (where it evaluates every task and checkpoints)."""
+        return len(self.phases) > 1 and any(step == p.last_step for p in self.phases)
 
     def should_log(self, step: int, first_step: int, last_step: int) -> bool:
         return step % self.log_every == 0 or step == first_step or step == last_step

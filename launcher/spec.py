@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from launcher.data_spec import DataFormat, DataSpec, EvalSetSpec, PhaseSpec, SourceSpec  # noqa: F401 (the spec tree's data section)
 from launcher.errors import FTLError
 
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload")
@@ -210,37 +211,6 @@ class TaskSpec(_Section):
         return self
 
 
-class DataSpec(_Section):
-    train: Path
-    """Training file: .jsonl, .json, .csv or .parquet, read through HF `datasets`."""
-    validation: Path | None = None
-    """Optional validation file, same format as `train`."""
-    text_field: str = "text"
-    """Column that holds the text."""
-    label_field: str = "label"
-    """`classification`: column holding the label (an integer id or a class name)."""
-    prompt_field: str = "prompt"
-    """`causal_lm` with `task.completion_only_loss`: column holding the prompt (no loss on it)."""
-    completion_field: str = "completion"
-    """`causal_lm` with `task.completion_only_loss`: column holding the completion (the loss is on it)."""
-    few_shot: int | None = Field(None, gt=0)
-    """Train on only this many examples per class (classification) or in all (causal_lm), sampled with the seed."""
-    tokenizer: str = "auto"
-    """`bytes` (UTF-8 bytes, needs vocab_size >= 384), a local tokenizer folder, or `auto` (the model folder's
-    tokenizer if it has one, else bytes)."""
-
-    @field_validator("train", "validation")
-    @classmethod
-    def _exists(cls, path: Path | None) -> Path | None:
-        if path is None:
-            return None
-        if not path.is_file():
-            raise ValueError(f"file {str(path)!r} does not exist (relative paths start at {Path.cwd()})")
-        if path.suffix not in {".jsonl", ".json", ".csv", ".parquet"}:
-            raise ValueError(f"file {str(path)!r} has suffix {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-        return path.resolve()
-
-
 class TrainSpec(_Section):
     max_steps: int = Field(gt=0)
     """Optimizer steps to run."""
@@ -359,6 +329,12 @@ class JobSpec(_Section):
             )
         if train.early_stopping_metric != "val_loss" and task.name != "classification":
             raise ValueError(f"`train.early_stopping_metric: {train.early_stopping_metric}` is a classification metric; use val_loss")
+        if self.data.phases is not None and sum(p.steps for p in self.data.phases) != train.max_steps:
+            steps = " + ".join(str(p.steps) for p in self.data.phases)
+            raise ValueError(
+                f"`data.phases` steps add up to {steps} = {sum(p.steps for p in self.data.phases)}, but `train.max_steps` is "
+                f"{train.max_steps}: set train.max_steps to the sum (the LR schedule spans every phase)"
+            )
         return self
 
     def to_yaml(self) -> str:
@@ -382,17 +358,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
+        node: Any = raw
+        for depth, part in enumerate(path):
+            if isinstance(node, list):  # a list entry by its index: `data.phases.1.replay=0`
+                if not part.isdigit() or int(part) >= len(node):
+                    raise FTLError(f"Override {text!r}: `{'.'.join(path[:depth])}` is a list of {len(node)}; give an index 0..{len(node) - 1}.")
+                part = int(part)
+            if depth == len(path) - 1:
+                node[part] = value
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
             if child is None:
                 child = node[part] = {}
             elif isinstance(child, str) and part == "task":  # `task: causal_lm` is short for {name: causal_lm}
                 child = node[part] = {"name": child}
-            elif not isinstance(child, dict):
+            elif not isinstance(child, (dict, list)):
                 raise FTLError(f"Override {text!r}: `{part}` holds a value, not a section, so it has no sub-keys.")
             node = child
-        node[path[-1]] = value
     return raw
 
 

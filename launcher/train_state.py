@@ -24,6 +24,7 @@ class TrainerState:
     data: dict = field(default_factory=dict)  # the data stream's position (its own state_dict)
     scheduler: dict = field(default_factory=dict)  # the LR scheduler's state_dict
     rng: dict = field(default_factory=dict)  # capture_rng() of this rank
+    evals: dict = field(default_factory=dict)  # eval sets' baseline, per-phase rows, watch alarms (launcher/continual.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,7 +32,8 @@ class TrainerState:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainerState":
         # `phase` is absent from checkpoints written before phases existed: they had one.
-        return cls(step=data["step"], phase=data.get("phase", 0), data=data["data"], scheduler=data["scheduler"], rng=data["rng"])
+        return cls(step=data["step"], phase=data.get("phase", 0), data=data["data"], scheduler=data["scheduler"], rng=data["rng"],
+                   evals=data.get("evals", {}))
 
 
 def capture_rng() -> dict:

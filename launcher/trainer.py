@@ -18,8 +18,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from launcher.continual import EvalSets, phase_sources
 from launcher.checkpoint import Checkpoint, Checkpointer, clean_stale_tmp, find_resume_checkpoint
-from launcher.data import BlockStream, build_tokenizer, check_vocab, load_examples
+from launcher.data import TrainStream, build_tokenizer, check_vocab, collator, few_shot_rows, label_names_of, load_examples, loss_by_source, open_sources
 from launcher.errors import FTLError
 from launcher.evaluation import EarlyStopping, evaluate
 from launcher.job import RankJob, strategy_config
@@ -81,8 +82,7 @@ class Trainer:
         self.log = MetricsLog(run_dir, spec.train.max_steps, start_step=self.start_step, enabled=env.is_main)
 
         tokenizer = build_tokenizer(spec)
-        train_examples, self.label_names = load_examples(spec, tokenizer, self.schedule.phases[0].train_data)
-        self.stream = BlockStream(train_examples, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed)
+        self.sources_by_name = self.open_data(tokenizer)
         self.strategy = get_strategy(plan.strategy)(strategy_config(spec, plan), self.rt.ctx)
         seed_everything(spec.train.seed)  # same seed on every rank: identical init
         # Strategies that shard (FSDP2) get the model on the meta device, method applied, and materialise it
@@ -96,6 +96,11 @@ class Trainer:
             four_bit=meta and spec.method.name == "qlora", strategy=plan.strategy,
         )
         check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
+        # Packed blocks restart position ids per document only where attention stays within a document too
+        # (FlashAttention-2's varlen path); elsewhere positions run on, as a plain concat-and-chunk does.
+        doc_positions = getattr(getattr(model, "config", None), "_attn_implementation", None) == "flash_attention_2"
+        self.collate = collator(spec, tokenizer, self.label_names, doc_positions)
+        self.enter_phase(self.schedule.phase_index(self.start_step + 1))
         prompt_ids = ()
         if spec.method.name == "prompt_tuning" and spec.method.prompt_tuning.init == "text":
             prompt_ids = tuple(tokenizer(spec.method.prompt_tuning.init_text, add_special_tokens=False)["input_ids"])
@@ -134,7 +139,12 @@ class Trainer:
         seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
         self.validation = None
         if spec.data.validation is not None:
-            self.validation, _ = load_examples(spec, tokenizer, spec.data.validation, self.label_names)
+            self.validation, _ = load_examples(spec, tokenizer, spec.data.validation, self.label_names, env.local_rank == 0, self.rt.any_true)
+        self.evals = EvalSets(
+            spec, {e.name: load_examples(spec, tokenizer, e.path, self.label_names, env.local_rank == 0, self.rt.any_true, e.format)[0]
+                   for e in spec.data.eval_sets},
+            lambda examples: evaluate(spec, self.strategy.model, examples, self.rt.ctx, self.rt.control),
+        )
         self.checkpointer = Checkpointer(
             run_dir, self.strategy, env, spec.checkpoint.keep, self.spec_hash, spec.checkpoint.async_save,
             control=self.rt.control, every=spec.checkpoint.every, before_publish=self.before_publish,
@@ -149,11 +159,64 @@ class Trainer:
         saved = TrainerState.from_dict(self.resume.trainer_state(self.env.rank))
         saved_world = self.resume.manifest["world_size"]
         self.scheduler.load_state_dict(saved.scheduler)
-        self.stream.load_state_dict(rescale_position(saved.data, saved_world, self.env.world_size))
+        if saved.phase == self.phase:  # else the checkpoint ended its phase: the next one starts afresh
+            self.stream.load_state_dict(saved.data)  # global counters: the same on any world size
+        self.evals.load_state_dict(saved.evals)
         if saved_world == self.env.world_size:
             restore_rng(saved.rng)
-        self.state = TrainerState(step=saved.step, phase=saved.phase)
+        self.state = TrainerState(step=saved.step, phase=self.phase)
         self.log.log({"step": saved.step, "event": "resumed", "detail": f"resumed from {self.resume.path}"})
+
+    def losses_by_source(self) -> dict[str, float]:
+        """`loss/<source>`: each source's mean loss over the micro-batches since the last log line (mixtures)."""
+        if len(self.sources) < 2:
+            return {}
+        sums = self.rt.sum(self.source_losses.cpu())
+        self.source_losses.zero_()
+        return {f"loss/{s.name}": sums[i, 0].item() / sums[i, 1].item() for i, s in enumerate(self.sources) if sums[i, 1] > 0}
+
+    def open_data(self, tokenizer) -> list:
+        """The phase's sources, tokenized once (one rank per node builds a missing cache entry), few-shot
+        subsets drawn, the class names read; rank 0 logs what each source holds."""
+        spec, env = self.spec, self.env
+        unique = list({s.label: s for phase in self.schedule.phases for s in phase.sources}.values())
+        sources = open_sources(spec, tokenizer, unique, builder=env.local_rank == 0, agree=self.rt.any_true)
+        self.label_names = label_names_of(spec, sources) if spec.task.name == "classification" else None
+        chosen = {}
+        if spec.data.few_shot:
+            for i, source in enumerate(sources):
+                rows = few_shot_rows(spec, source, spec.data.few_shot, spec.train.seed + i)
+                source.rows, chosen[source.name] = source.rows.select(rows), rows
+        for source in sources:
+            stats = source.stats
+            self.log.log({"step": self.start_step, "event": "data", "source": source.name, "examples": len(source),
+                          "tokenized": source.built, **{k: stats[k] for k in ("rows", "bad_rows", "supervised_tokens", "tokenize_s")},
+                          "detail": f"{source.name}: {len(source)} examples from {stats['rows']} rows ({stats['bad_rows']} bad, skipped)"
+                          + (f", tokenized in {stats['tokenize_s']} s" if source.built else ", from the cache")})
+        if env.is_main and chosen:
+            (self.job.run_dir / "few_shot.json").write_text(json.dumps({"k": spec.data.few_shot, "seed": spec.train.seed, "rows": chosen}, indent=2))
+        return {s.name: s for s in sources}
+
+    def enter_phase(self, index: int) -> None:
+        """Train on phase `index`'s mixture (with its replay) from the start of its stream."""
+        spec, env = self.spec, self.env
+        self.phase = index
+        self.sources = phase_sources(self.schedule.phases[index], self.sources_by_name, spec.train.seed)
+        self.stream = TrainStream(self.sources, self.collate, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed + index)
+        self.source_losses = torch.zeros(len(self.sources), 2, device=self.rt.device)  # summed since the last log line
+        if len(self.schedule.phases) > 1:
+            phase = self.schedule.phases[index]
+            self.log.log({"step": phase.first_step - 1, "event": "phase", "phase": index, "detail": f"phase {phase.name}: steps "
+                          f"{phase.first_step}..{phase.last_step} on {', '.join(f'{s.name} ({s.weight:.0%})' for s in self.sources)}"})
+
+    def phase_end(self, step: int) -> None:
+        """Evaluate every eval set (a row of R), and write the forgetting report so far."""
+        measured = self.evals.measure()
+        self.evals.rows.append(measured)
+        self.log.log({"step": step, "event": "phase_end", "phase": self.phase, **self.evals.flat(measured)})
+        if self.evals.sets:
+            table = self.evals.write(self.job.run_dir, self.schedule) if self.env.is_main else ""
+            self.log.message(f"FTL: after phase {self.schedule.phases[self.phase].name}:\n{table}")
 
     # -- step ------------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
@@ -168,7 +231,11 @@ class Trainer:
             batch = {name: t.to(device, non_blocking=True) for name, t in self.stream.next_batch().items()}
             with strategy.accumulate(sync=micro == spec.train.grad_accum - 1):
                 with self.rt.ctx.autocast():
-                    loss = strategy.model(**batch).loss / spec.train.grad_accum
+                    outputs = strategy.model(**batch)
+                    loss = outputs.loss / spec.train.grad_accum
+                if len(self.sources) > 1:
+                    self.source_losses += loss_by_source(outputs.logits, batch["labels"], self.stream.last_sources, len(self.sources))
+                del outputs
                 strategy.backward(loss)
             loss_sum += loss.detach()
         if step == self.start_step + 1:
@@ -199,7 +266,12 @@ class Trainer:
         tokens_per_step = spec.train.micro_batch_size * spec.train.seq_len * spec.train.grad_accum * env.world_size
         window_start, window_steps = log.elapsed_s(), 0
         watch = EarlyStopping(spec.train.early_stopping_metric, spec.train.early_stopping_patience)
+        if self.evals.sets and not self.evals.baseline:  # before training: the watch's and FWT's reference
+            self.evals.baseline = self.evals.measure()
+            log.log({"step": self.start_step, "event": "baseline", **self.evals.flat(self.evals.baseline)})
         for step in range(first, last + 1):
+            if (phase := self.schedule.phase_index(step)) != self.phase:
+                self.enter_phase(phase)
             loss_sum, grad_norm, lr = self.train_step(step)
             self.state.step, self.state.phase = step, self.schedule.phase_index(step)
             self.checkpointer.poll()
@@ -213,7 +285,7 @@ class Trainer:
                     )
                 now = log.elapsed_s()
                 tokens_per_s = tokens_per_step * window_steps / max(now - window_start, 1e-9)
-                log.log({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s})
+                log.log({"step": step, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, **self.losses_by_source()})
                 window_start, window_steps = now, 0
             if self.validation is not None and self.schedule.should_evaluate(step, last):
                 metrics = evaluate(spec, self.strategy.model, self.validation, self.rt.ctx, self.rt.control)
@@ -222,6 +294,21 @@ class Trainer:
                     log.log({"step": step, "event": "early_stop", "detail": watch.describe()})
                     last = step
                     break
+            if self.evals.sets and self.schedule.should_evaluate(step, last):
+                measured = self.evals.measure()
+                log.log({"step": step, **self.evals.flat(measured)})
+                alarms = self.evals.watch(measured)
+                for line in alarms:
+                    log.log({"step": step, "event": "alarm", "detail": f"general-capability watch: {line}"})
+                if self.evals.should_stop(alarms):
+                    path = self.save(step)
+                    log.log({"step": step, "event": "early_stop", "detail": f"the watch stopped the run (stop_on_regression); checkpoint {path}"})
+                    return self.finish(Result(Outcome.EARLY_STOPPED, step, str(path), "; ".join(alarms)))
+            if self.schedule.is_phase_end(step):
+                self.phase_end(step)
+                if step != last:
+                    self.save(step)
+                    continue
             # After evaluation, so a request that came during it waits no longer than the step after it; not
             # at the last step, whose save ends the run anyway.
             if step != last and self.rt.any_true(self.stop.requested() is not None):  # every rank stops at the same step
@@ -247,6 +334,8 @@ class Trainer:
             return self.finish(Result(Outcome.ALREADY_COMPLETE, last))
         if self.validation is not None and not watch.stopped:
             log.log({"step": last, **evaluate(spec, self.strategy.model, self.validation, self.rt.ctx, self.rt.control)})
+        if self.evals.sets and not watch.stopped and not self.schedule.is_phase_end(last):
+            log.log({"step": last, **self.evals.flat(self.evals.measure())})
         path = self.save(last)
         log.message(f"FTL: done; checkpoint {path}")
         return self.finish(Result(Outcome.EARLY_STOPPED if watch.stopped else Outcome.DONE, last, str(path)))
@@ -255,6 +344,7 @@ class Trainer:
         self.state.data = self.stream.state_dict()
         self.state.scheduler = self.scheduler.state_dict()
         self.state.rng = capture_rng()
+        self.state.evals = self.evals.state_dict()
         return self.checkpointer.save(step, self.state.to_dict(), wait=wait)
 
     def finish(self, result: Result) -> Result:
@@ -306,11 +396,3 @@ def check_resumable(resume: Checkpoint | None, strategy: str, world_size: int) -
             f"The checkpoint {resume.path} was written by {saved} on {resume.manifest['world_size']} ranks; FTL resumes "
             f"DeepSpeed checkpoints on the same world size only (this run has {world_size}). Use ddp/fsdp2 to reshard."
         )
-
-
-def rescale_position(data: dict, saved_world: int, world: int) -> dict:
-    """Each rank's position in its slice of the epoch. On another world size the slices differ: keep the
-    number of sequences consumed in the epoch (exact order is not preserved, nothing is skipped twice)."""
-    if saved_world == world:
-        return data
-    return {"epoch": data["epoch"], "index": data["index"] * saved_world // world}

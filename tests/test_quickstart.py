@@ -10,10 +10,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from transformers import AutoModelForCausalLM
 
-from launcher.data import build_tokenizer, load_blocks
+from launcher.data import build_tokenizer, load_examples
 from launcher.model_info import build_config
 from launcher.spec import load_spec
-from tests.conftest import REPO, run_ftl
+from tests.conftest import run_ftl
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,13 @@ def test_checkpoint_reloads_and_reproduces_validation_loss(quickstart_run):
     model.load_state_dict(state["model"])
     model.eval()
 
-    blocks = load_blocks(spec, build_tokenizer(spec), spec.data.validation)
+    examples, _ = load_examples(spec, build_tokenizer(spec), spec.data.validation)  # the last block's padding is masked
     with torch.no_grad():
         # The run evaluated rank r on blocks[r::2], up to 16 micro-batches each.
-        per_rank = [blocks[r::2].split(spec.train.micro_batch_size)[:16] for r in range(2)]
-        total = sum(model(input_ids=b, labels=b).loss * len(b) for batches in per_rank for b in batches)
-        count = sum(len(b) for batches in per_rank for b in batches)
+        split = {name: [t[r::2].split(spec.train.micro_batch_size)[:16] for r in range(2)] for name, t in examples.items()}
+        batches = [{name: split[name][r][i] for name in examples} for r in range(2) for i in range(len(split["input_ids"][r]))]
+        total = sum(model(**b).loss * len(b["input_ids"]) for b in batches)
+        count = sum(len(b["input_ids"]) for b in batches)
     reported = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in l][-1]
     assert abs(float(total / count) - reported["val_loss"]) < 1e-4
 

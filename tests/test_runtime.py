@@ -141,7 +141,9 @@ def test_cuda_plan_on_a_cpu_machine_is_one_paragraph_and_writes_nothing(tmp_path
     errors = [l for l in ranks.stderr.splitlines() if l.startswith("error (rank")]
     assert len(errors) == 2 and all("was made for CUDA GPUs" in e and "hardware.device=cpu" in e for e in errors), ranks.stderr[-2000:]
     assert "exitcode  : 2" in ranks.stderr  # each rank exits 2: a user mistake, not a crash
-    assert snapshot(run_dir) == before  # nothing written
+    after = snapshot(run_dir)
+    outcome = json.loads(after.pop("outcome.json"))  # only what the launcher reads its exit code from
+    assert after == before and outcome["outcome"] == "error" and "was made for CUDA GPUs" in outcome["detail"]
 
 
 def test_ranks_run_the_plan_they_are_given(tmp_path):

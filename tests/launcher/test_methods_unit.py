@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.data import build_tokenizer, load_examples
+from launcher.data import build_tokenizer, few_shot_rows, load_examples, open_sources
 from launcher.errors import FTLError
 from launcher.methods import eval_mode, first_step_gradient_problem
 from launcher.modeling import build_model
@@ -83,7 +83,13 @@ def test_classification_labels_are_checked_against_num_labels(tmp_path: Path) ->
     spec = spec_from_dict(tiny_spec(tmp_path, task={"name": "classification", "num_labels": 4}, data={**TOPICS, "few_shot": 5}))
     examples, names = load_examples(spec, build_tokenizer(spec), spec.data.train)
     assert names == ["food", "sports", "technology", "weather"]
-    assert torch.bincount(examples["labels"]).tolist() == [5, 5, 5, 5]
+    (source,) = open_sources(spec, build_tokenizer(spec), spec.data.sources)
+    rows = few_shot_rows(spec, source, 5, seed=0)
+    assert rows == few_shot_rows(spec, source, 5, seed=0)  # reproducible
+    picked = [str(source.rows[i]["label"]) for i in rows]
+    assert sorted(picked) == sorted(names * 5)  # exactly k of each class
+    with pytest.raises(FTLError, match="class 'food' .* has 200 examples"):
+        few_shot_rows(spec, source, 201, seed=0)
 
 
 def _qlora_model(tmp_path: Path) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -1,0 +1,205 @@
+"""Tokenize once: each data source becomes an Arrow dataset on disk that ranks memory-map.
+
+The cache key is a hash of the file's bytes, the tokenizer (its class, vocabulary, special ids and chat
+template), the row format and its fields, the task, packing and `train.seq_len`, and this module's
+version: a second run with the same inputs reads the cache and tokenizes nothing; a changed file, or
+any of those settings, makes a new entry. One process per node builds a missing entry (with
+`data.num_proc` worker processes, through `datasets.map`), writes it into a temporary folder and renames
+it into place, so a reader never sees half an entry and two builders never mix theirs. Arrow files are
+memory-mapped: a rank's memory does not grow with the data set.
+
+Rows that cannot be used (a missing field, a wrong type, empty text: launcher/formats.py says why) are
+skipped and counted (`data.on_bad_rows: skip`), or stop the job naming the file and row
+(`data.on_bad_rows: fail`). Packing (causal LM text): a source's documents, each ending in EOS, are
+concatenated and cut into blocks of `seq_len`; the last partial block is padded with its labels
+masked, so no token is lost or repeated; `position_ids` restart at every document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from launcher.errors import FTLError
+from launcher.formats import BadRow, Fields, classification_example, segments, tokenize_segments
+
+CACHE_VERSION = 1
+READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+STATS_FILE = "ftl-stats.json"
+
+datasets.disable_progress_bars()  # one bar per process per file is noise in the training log
+
+
+@dataclass(frozen=True)
+class CachedSource:
+    """Everything that decides a cached source's content."""
+
+    path: Path
+    format: str  # resolved: text, completion, alpaca, chat, classification
+    fields: Fields
+    pack: bool
+    seq_len: int
+    on_bad_rows: str  # skip | fail
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FTL_CACHE_DIR") or Path.home() / ".cache" / "ftl" / "tokenized")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (a saved dataset folder: of each file in it, by name)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    ident = [type(tokenizer).__name__, vocab, tokenizer.eos_token_id, tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None)]
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:16]
+
+
+def cache_key(source: CachedSource, tokenizer_id: str) -> str:
+    settings = {**asdict(source), "path": None, "fields": asdict(source.fields), "version": CACHE_VERSION, "tokenizer": tokenizer_id}
+    blob = json.dumps(settings, sort_keys=True, default=str) + file_digest(source.path)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def read_rows(path: Path) -> datasets.Dataset:
+    """A data file (or a folder written by `Dataset.save_to_disk`) as a datasets table."""
+    try:
+        if path.is_dir():
+            table = datasets.load_from_disk(str(path))
+        else:
+            table = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", cache_dir=str(default_cache_dir() / "raw"))
+    except Exception as exc:  # datasets raises many types for a malformed file; all mean "fix the file"
+        raise FTLError(f"Cannot read data file {path}: {str(exc).strip() or type(exc).__name__}. Check that it is valid {path.suffix[1:] or 'dataset'}.") from None
+    if len(table) == 0:
+        raise FTLError(f"Data file {path} has no rows. Point `data` at a file with examples in it.")
+    return table
+
+
+def _tokenize(rows: dict, indices: list[int], fmt: str, fields: Fields, tokenizer) -> dict:
+    """datasets.map function (batched): one output row per input row, bad rows marked, not dropped."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "label": [], "bad": [], "row": []}
+    names = list(rows)
+    for i, index in enumerate(indices):
+        row = {name: rows[name][i] for name in names}
+        ids, labels, label, bad = [], [], "", ""
+        try:
+            if fmt == "classification":
+                text, raw = classification_example(row, fields)
+                ids, label = tokenizer(text, add_special_tokens=True)["input_ids"], str(raw)
+            else:
+                ids, labels = tokenize_segments(segments(row, fmt, fields, tokenizer), tokenizer, eos=fmt != "chat")
+        except BadRow as exc:
+            bad = str(exc) or "unusable row"
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["label"].append(label)
+        out["bad"].append(bad)
+        out["row"].append(index)
+    return out
+
+
+def pack_blocks(table: datasets.Dataset, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The documents concatenated and cut into [blocks, seq_len]; the last block padded (labels -100)."""
+    import pyarrow.compute as pc
+
+    column = table.with_format("arrow")  # list_flatten and list_value_length respect slices (a filtered table)
+    ids = np.concatenate([pc.list_flatten(c).to_numpy() for c in column["input_ids"].chunks])
+    labels = np.concatenate([pc.list_flatten(c).to_numpy() for c in column["labels"].chunks])
+    lengths = np.concatenate([pc.list_value_length(c).to_numpy() for c in column["input_ids"].chunks])
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each token's document start
+    positions = np.arange(len(ids)) - starts
+    blocks = -(-len(ids) // seq_len)
+    pad = blocks * seq_len - len(ids)
+    ids = np.concatenate([ids, np.full(pad, pad_id)]).reshape(blocks, seq_len)
+    labels = np.concatenate([labels, np.full(pad, -100)]).reshape(blocks, seq_len)
+    positions = np.concatenate([positions, np.arange(pad)]).reshape(blocks, seq_len)
+    return {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32), "position_ids": positions.astype(np.int32)}
+
+
+def build(source: CachedSource, tokenizer, folder: Path, num_proc: int) -> dict:
+    """Tokenize `source` into `folder` (not yet there); returns its stats."""
+    start = time.monotonic()
+    table = read_rows(source.path)
+    mapped = table.map(
+        _tokenize, batched=True, batch_size=1000, with_indices=True, num_proc=max(1, min(num_proc, len(table) // 1000 or 1)),
+        remove_columns=table.column_names, fn_kwargs={"fmt": source.format, "fields": source.fields, "tokenizer": tokenizer},
+        new_fingerprint=f"ftl-{folder.name}", keep_in_memory=False,
+    )
+    bad_rows = mapped.filter(lambda b: [bool(x) for x in b], input_columns=["bad"], batched=True)
+    if len(bad_rows) and source.on_bad_rows == "fail":
+        first = bad_rows[0]
+        where = f"line {first['row'] + 1}" if source.path.suffix == ".jsonl" else f"row {first['row']}"
+        raise FTLError(
+            f"Data file {source.path}, {where}: {first['bad']}. {len(bad_rows)} of {len(table)} rows are unusable; fix them, or "
+            "set `data.on_bad_rows: skip` to train on the rest (the count is logged)."
+        )
+    good = mapped.filter(lambda b: [not x for x in b], input_columns=["bad"], batched=True) if len(bad_rows) else mapped
+    if len(good) == 0:
+        raise FTLError(f"Data file {source.path}: none of its {len(table)} rows is usable as `{source.format}` (first: {bad_rows[0]['bad']}).")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    too_long = 0
+    if source.format == "classification":
+        final = good.select_columns(["input_ids", "label"])
+        supervised = len(final)
+    elif source.pack:
+        final = datasets.Dataset.from_dict(pack_blocks(good, source.seq_len, pad_id))
+        supervised = int((np.asarray(final.with_format("numpy")["labels"]) != -100).sum())
+    else:  # rows whose supervised part starts past seq_len teach nothing (a batch of only those has no loss)
+        seq_len = source.seq_len
+        counts = [int(np.count_nonzero(np.asarray(l[:seq_len]) != -100)) for l in good.with_format("numpy")["labels"]]
+        if not any(counts):
+            raise FTLError(
+                f"Data file {source.path} supervises zero tokens: in no row does a completion or assistant turn start within "
+                f"`train.seq_len`={seq_len} tokens, so training would learn nothing. Raise seq_len, or check `data.format` and the fields."
+            )
+        final = good.select_columns(["input_ids", "labels"]).select([i for i, n in enumerate(counts) if n]).flatten_indices()
+        supervised, too_long = sum(counts), counts.count(0)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_to_disk(str(tmp))
+    stats = {
+        "file": str(source.path), "format": source.format, "rows": len(table), "bad_rows": len(bad_rows),
+        "examples": len(final), "supervised_tokens": supervised, "unsupervised_within_seq_len": too_long, "packed": source.pack and source.format != "classification",
+        "tokenize_s": round(time.monotonic() - start, 2),
+    }
+    (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another node's builder finished first: its entry is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats
+
+
+def entry_dir(source: CachedSource, tokenizer, cache_dir: Path) -> Path:
+    return cache_dir / f"{source.path.stem[:40]}-{cache_key(source, tokenizer_fingerprint(tokenizer))}"
+
+
+def ensure(source: CachedSource, tokenizer, cache_dir: Path, num_proc: int) -> tuple[Path, dict, bool]:
+    """(entry folder, stats, whether it was built now): the cached entry, built first if missing."""
+    folder = entry_dir(source, tokenizer, cache_dir)
+    if (folder / STATS_FILE).is_file():
+        return folder, json.loads((folder / STATS_FILE).read_text()), False
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return folder, build(source, tokenizer, folder, num_proc), True
+
+
+def open_entry(folder: Path) -> datasets.Dataset:
+    """A cached source, memory-mapped, rows as numpy arrays."""
+    return datasets.load_from_disk(str(folder), keep_in_memory=False).with_format("numpy")

@@ -1,0 +1,110 @@
+"""Tokenize once (launcher/token_cache.py through launcher/data.py): a second start reads the cache, a
+changed file is tokenized again; bad rows are skipped and counted or named; packing loses and repeats no
+token; chat masks follow the template without generation tags; zero supervised tokens stop the job."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launcher.data import TrainStream, build_tokenizer, collator, open_sources
+from launcher.errors import FTLError
+from launcher.spec import spec_from_dict
+from tests.conftest import tiny_spec
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def job(tmp_path: Path, data: dict, **train):
+    return spec_from_dict(tiny_spec(tmp_path, data={"cache_dir": str(tmp_path / "cache"), **data}, train={"seq_len": 32, **train}))
+
+
+def texts(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"text": " ".join(f"w{int(x)}" for x in rng.integers(0, 50, rng.integers(1, 12)))} for _ in range(n)]
+
+
+def test_second_start_reads_the_cache_and_a_changed_file_is_tokenized_again(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "a.jsonl", texts(3000))
+    spec = job(tmp_path, {"train": str(data)})
+    tokenizer = build_tokenizer(spec)
+    started = time.monotonic()
+    (first,) = open_sources(spec, tokenizer, spec.data.sources)
+    first_s = time.monotonic() - started
+    started = time.monotonic()
+    (again,) = open_sources(spec, tokenizer, spec.data.sources)
+    assert first.built and not again.built and time.monotonic() - started < first_s
+    assert again.stats == first.stats and len(again) == len(first)
+    write_jsonl(data, texts(3000, seed=1))  # same size, other content
+    (changed,) = open_sources(spec, tokenizer, spec.data.sources)
+    assert changed.built and len(list((tmp_path / "cache").glob("a-*"))) == 2
+
+
+def test_packing_loses_and_repeats_no_token(tmp_path: Path) -> None:
+    rows = texts(500)
+    spec = job(tmp_path, {"train": str(write_jsonl(tmp_path / "p.jsonl", rows))})
+    tokenizer = build_tokenizer(spec)
+    (source,) = open_sources(spec, tokenizer, spec.data.sources)
+    expected = [t for r in rows for t in tokenizer(r["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    blocks = np.stack([source.rows[i]["labels"] for i in range(len(source))]).reshape(-1)
+    kept = blocks[blocks != -100].tolist()
+    assert kept == expected  # in order, each token once; the last block's padding is masked
+    positions = np.stack([source.rows[i]["position_ids"] for i in range(len(source))]).reshape(-1)[: len(expected)]
+    assert (positions == 0).sum() == len(rows)  # position ids restart at each document
+
+
+def test_bad_rows_are_skipped_and_counted_or_named(tmp_path: Path) -> None:
+    rows = texts(20) + [{"text": ""}, {"other": "x"}, {"text": 5}] + texts(5)
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    spec = job(tmp_path, {"train": str(data)})
+    (source,) = open_sources(spec, build_tokenizer(spec), spec.data.sources)
+    assert source.stats["bad_rows"] == 3 and source.stats["rows"] == 28
+    strict = job(tmp_path, {"train": str(data), "on_bad_rows": "fail"})
+    with pytest.raises(FTLError, match=r"bad\.jsonl, line 21: .*'text'.* 3 of 28 rows"):
+        open_sources(strict, build_tokenizer(strict), strict.data.sources)
+
+
+LLAMA3_LIKE = (  # the header/eot structure of Llama 3.1's template, and like it no {% generation %} tags
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_chat_loss_is_on_assistant_turns_and_zero_supervision_stops(tmp_path: Path, monkeypatch) -> None:
+    chat = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                          {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Italy?"},
+                          {"role": "assistant", "content": "Rome."}]}]
+    spec = job(tmp_path, {"train": str(write_jsonl(tmp_path / "chat.jsonl", chat * 4))}, seq_len=256)
+    tokenizer = build_tokenizer(spec)
+    tokenizer.chat_template = LLAMA3_LIKE
+    (source,) = open_sources(spec, tokenizer, spec.data.sources)
+    assert source.stats["format"] == "chat"
+    labels = np.asarray(source.rows[0]["labels"])
+    supervised = tokenizer.decode([t for t in labels.tolist() if t != -100])
+    assert supervised == "Paris.<|eot_id|>Rome.<|eot_id|>"
+    batch = collator(spec, tokenizer, None)([source.rows[0]])
+    assert batch["labels"].shape == (1, 256)
+    short = job(tmp_path, {"train": str(tmp_path / "chat.jsonl")}, seq_len=16)  # the first answer starts past 16 tokens
+    with pytest.raises(FTLError, match="supervises zero tokens"):
+        open_sources(short, tokenizer, short.data.sources)
+
+
+def test_packed_mixture_token_shares_follow_the_weights(tmp_path: Path) -> None:
+    a, b = write_jsonl(tmp_path / "a.jsonl", texts(2000)), write_jsonl(tmp_path / "b.jsonl", texts(300, seed=2))
+    spec = job(tmp_path, {"train": None, "mixture": [{"path": str(a), "weight": 0.75}, {"path": str(b), "weight": 0.25}]})
+    tokenizer = build_tokenizer(spec)
+    sources = open_sources(spec, tokenizer, spec.data.sources)
+    stream = TrainStream(sources, collator(spec, tokenizer, None), micro_batch_size=8, rank=0, world_size=1, seed=0)
+    tokens = [0, 0]
+    for _ in range(250):
+        batch = stream.next_batch()
+        for source, labels in zip(stream.last_sources, batch["labels"]):
+            tokens[source] += int((labels != -100).sum())
+    assert abs(tokens[0] / sum(tokens) - 0.75) < 0.01, tokens

@@ -1,0 +1,29 @@
+"""`ftl run configs/multitask.yaml` on 2 CPU ranks: two sources of different formats mixed by weight,
+tokenized once into the cache (a second start reads it), each source's loss logged and falling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import metric_records, run_ftl
+
+
+def test_multitask_mixture_trains_logs_each_source_and_reuses_the_cache(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    common = [f"data.cache_dir={cache}", "hardware.device=cpu", "train.log_every=10", "checkpoint.every=0"]
+    first = run_ftl("run", "configs/multitask.yaml", f"output_dir={tmp_path / 'a'}", "train.max_steps=40", *common)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    records = metric_records(tmp_path / "a")
+    data = {r["source"]: r for r in records if r.get("event") == "data"}
+    assert set(data) == {"prose", "arithmetic"} and all(r["tokenized"] for r in data.values())
+    assert data["arithmetic"]["supervised_tokens"] < data["prose"]["supervised_tokens"]  # answers only
+    logged = [r for r in records if "loss/prose" in r]
+    assert len(logged) >= 5 and all("loss/arithmetic" in r for r in logged)
+    for name in ("prose", "arithmetic"):
+        assert logged[-1][f"loss/{name}"] < logged[0][f"loss/{name}"], (name, logged)
+
+    again = run_ftl("run", "configs/multitask.yaml", f"output_dir={tmp_path / 'b'}", "train.max_steps=2", "train.warmup_steps=0", *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    events = [r for r in metric_records(tmp_path / "b") if r.get("event") == "data"]
+    assert len(events) == 2 and not any(r["tokenized"] for r in events)
+    assert all("from the cache" in r["detail"] for r in events)
