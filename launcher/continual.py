@@ -36,7 +36,7 @@ def phase_sources(phase: Phase, by_name: dict[str, Source], seed: int) -> list[S
         rows = source.rows
         if phase.replay_rows and phase.replay_rows < len(rows):  # a fixed reservoir, the same on every rank and resume
             keep = np.random.Generator(np.random.PCG64([seed, 7919, i])).permutation(len(rows))[: phase.replay_rows]
-            rows = rows.select(sorted(keep.tolist()))
+            rows = rows.select(sorted(keep.tolist()), keep_in_memory=True)  # nothing written into the cache
         out.append(replace(source, rows=rows, weight=phase.replay * spec.weight / total))
     return out
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
 
+from launcher.augment import Augment, augment_rows
 from launcher.errors import FTLError
 from launcher.formats import Fields, detect_format
 from launcher.mixture import Mixture
 from launcher.spec import JobSpec, SourceSpec
-from launcher.token_cache import CachedSource, default_cache_dir, ensure, open_entry, read_rows
+from launcher.token_cache import CachedSource, columns_of, default_cache_dir, ensure, open_entry
 
 Examples = dict[str, torch.Tensor]  # model inputs by name, all with the example count as first dim
 
@@ -64,7 +65,7 @@ def resolve_format(spec: JobSpec, path: Path, fmt: str | None) -> str:
         return "completion"
     if fmt != "auto":
         return fmt
-    columns = read_rows(path).column_names
+    columns = columns_of(path)
     try:
         return detect_format(columns, spec.task.name, fields_of(spec))
     except ValueError as exc:
@@ -104,10 +105,10 @@ def open_sources(
     if builder:
         try:
             built = {i for i, plan in enumerate(plans) if ensure(plan, tokenizer, cache_dir, spec.data.num_proc)[2]}
-        except FTLError as exc:
-            error = exc
+        except Exception as exc:  # every rank must reach `agree`, whatever went wrong here
+            error = exc if isinstance(exc, FTLError) else FTLError(f"Preparing the training data failed: {type(exc).__name__}: {exc}")
     if agree(error is not None):
-        raise error or FTLError("Preparing the training data failed on another node (its rank 0 printed why).")
+        raise error or FTLError("Preparing the training data failed on another rank (the rank that tokenizes; its paragraph is printed above).")
     opened = []
     for i, (source, plan) in enumerate(zip(sources, plans)):
         folder, stats, _ = ensure(plan, tokenizer, cache_dir, spec.data.num_proc)
@@ -149,13 +150,14 @@ def label_names_of(spec: JobSpec, sources: list[Source]) -> list[str]:
 
 @dataclass(frozen=True)
 class Collator:
-    """Rows -> model inputs of `seq_len`: packed blocks as they are (position ids only where the model
-    keeps attention within a document), other rows truncated and right-padded with masked labels."""
+    """Rows -> model inputs of `seq_len`: packed blocks as they are, other rows truncated and right-padded
+    with masked labels. Packed documents share attention within their block, as in a plain
+    concat-and-chunk (document masking needs FlashAttention-2's varlen path, not used here yet):
+    `data.pack: false` pads each document instead."""
 
     seq_len: int
     pad_id: int
     label_ids: dict[str, int] | None = None  # classification: class name -> id
-    doc_positions: bool = False
 
     def __call__(self, rows: list[dict]) -> Examples:
         n, seq = len(rows), self.seq_len
@@ -176,25 +178,30 @@ class Collator:
             batch["labels"] = torch.tensor([self.label_ids[row["label"]] for row in rows])
         else:
             batch["labels"] = torch.from_numpy(labels)
-            if self.doc_positions and "position_ids" in rows[0]:
-                batch["position_ids"] = torch.from_numpy(np.stack([np.asarray(r["position_ids"], dtype=np.int64)[:seq] for r in rows]))
         return batch
 
 
-def collator(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None, doc_positions: bool = False) -> Collator:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def collator(spec: JobSpec, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None) -> Collator:
     labels = {name: i for i, name in enumerate(label_names)} if label_names is not None else None
-    return Collator(spec.train.seq_len, pad, labels, doc_positions)
+    return Collator(spec.train.seq_len, pad_id(tokenizer), labels)
 
 
 class TrainStream:
     """This rank's endless micro-batches from the global mixture stream: each micro-batch takes `world x
     micro_batch_size` draws and this rank keeps its own `micro_batch_size` of them."""
 
-    def __init__(self, sources: list[Source], collate: Collator, micro_batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(
+        self, sources: list[Source], collate: Collator, micro_batch_size: int, rank: int, world_size: int, seed: int,
+        augment: Augment | None = None, augment_p: float = 0.1,
+    ) -> None:
         self.sources, self.collate = sources, collate
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.mixture = Mixture(tuple(s.weight for s in sources), tuple(len(s) for s in sources), seed)
+        self.seed, self.augment, self.augment_p = seed, augment, augment_p
         self.last_sources: list[int] = []  # the source of each example of the last batch (per-source loss)
 
     def __len__(self) -> int:
@@ -206,9 +213,13 @@ class TrainStream:
         return draws[mine : mine + self.micro_batch_size]
 
     def next_batch(self) -> Examples:
+        first = self.mixture.position + self.rank * self.micro_batch_size  # this rank's draws' global positions
         draws = self.next_draws()
         self.last_sources = [source for source, _ in draws]
-        return self.collate([self.sources[source].rows[int(row)] for source, row in draws])
+        rows = [self.sources[source].rows[int(row)] for source, row in draws]
+        if self.augment is not None:
+            rows = augment_rows(rows, list(range(first, first + len(rows))), self.augment, self.augment_p, self.seed)
+        return self.collate(rows)
 
     def state_dict(self) -> dict:
         return {"mixture": self.mixture.state_dict()}
@@ -254,19 +265,22 @@ def few_shot_rows(spec: JobSpec, source: Source, k: int, seed: int) -> list[int]
     return sorted(picked)
 
 
-def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, sources: list[int], count: int) -> torch.Tensor:
+def loss_by_source(logits: torch.Tensor, labels: torch.Tensor, sources: list[int], count: int, chunk: int = 512) -> torch.Tensor:
     """[count, 2]: each source's summed loss and number of supervised targets in this micro-batch (causal
-    LM: next-token cross-entropy per token; classification: per example). For `loss/<source>` logs."""
-    logits = logits.detach().float()
-    if labels.dim() == 1:  # classification
-        losses, weights = torch.nn.functional.cross_entropy(logits, labels, reduction="none"), torch.ones_like(labels, dtype=torch.float)
-    else:
-        logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the outputs
-        targets = labels[:, 1:]
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        losses, weights = per_token.sum(dim=1), (targets != -100).sum(dim=1).float()
+    LM: next-token cross-entropy per token; classification: per example). For `loss/<source>` logs.
+    In chunks of `chunk` positions of one example: never a float copy of the whole micro-batch's logits."""
     out = torch.zeros(count, 2, device=logits.device)
-    index = torch.tensor(sources, device=logits.device)
-    out[:, 0].index_add_(0, index, losses)
-    out[:, 1].index_add_(0, index, weights)
+    with torch.no_grad():
+        if labels.dim() == 1:  # classification
+            losses = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+            for i, source in enumerate(sources):
+                out[source] += torch.stack([losses[i], torch.ones((), device=logits.device)])
+            return out
+        logits = logits[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens to the outputs
+        for i, source in enumerate(sources):
+            for start in range(0, labels.shape[1] - 1, chunk):
+                targets = labels[i, start + 1 : start + 1 + chunk]
+                part = logits[i, start : start + len(targets)].float()
+                loss = torch.nn.functional.cross_entropy(part, targets, ignore_index=-100, reduction="sum")
+                out[source] += torch.stack([loss, (targets != -100).sum().float()])
     return out

@@ -127,6 +127,11 @@ class DataSpec(_Section):
     """Processes that tokenize a source the first time."""
     few_shot: int | None = Field(None, gt=0)
     """Train on only this many examples per class (classification) or per source (causal_lm), sampled with the seed."""
+    augment: str | None = None
+    """Augmentation of each training example as it is drawn (small sets): `token_dropout`, `span_swap`, or a
+    function `module:function(input_ids, labels, rng, p)`; seeded per example, so resume repeats it exactly."""
+    augment_p: float = Field(0.1, gt=0, lt=1)
+    """Strength of `augment`: the share of tokens dropped, or the length of each swapped span."""
     tokenizer: str = "auto"
     """`bytes` (UTF-8 bytes, needs vocab_size >= 384), a local tokenizer folder, or `auto` (the model folder's
     tokenizer if it has one, else bytes)."""
@@ -144,10 +149,17 @@ class DataSpec(_Section):
                 "give exactly one of `data.train` (one file), `data.mixture` (several, with weights) and `data.phases` "
                 f"(continual); given: {', '.join(given) or 'none'}"
             )
+        seen: dict[str, tuple] = {}
         for phase in self.phases or []:
             names = [s.label for s in phase.mixture]
             if len(set(names)) != len(names):
                 raise ValueError(f"`data.phases` {phase.name!r} names its sources {names}: give each a distinct `name`")
+            for source in phase.mixture:  # a name is one source in every phase (replay and reports go by name)
+                if seen.setdefault(source.label, (source.path, source.format)) != (source.path, source.format):
+                    raise ValueError(
+                        f"`data.phases`: the name {source.label!r} is given to two different sources ({seen[source.label][0]} and "
+                        f"{source.path}); give each source its own `name`"
+                    )
         names = [e.name for e in self.eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"`data.eval_sets` has names {names}: give each set a distinct `name`")

@@ -1,6 +1,7 @@
 """Rank 0's view of training: `metrics.jsonl` in the run dir (one JSON object per logged step) and a
 rich progress bar with loss, tokens/s and ETA. On a non-terminal (CI, Slurm logs) each logged step is
-one plain line instead."""
+one plain line instead. With `tensorboard` installed (the `tensorboard` extra), every numeric metric is
+also a TensorBoard scalar under RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class MetricsLog:
         if not enabled:
             return
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.scalars = tensorboard_writer(run_dir / "tensorboard")
         self.console = Console(soft_wrap=True)
         self.progress: Progress | None = None
         if self.console.is_terminal:
@@ -48,6 +50,10 @@ class MetricsLog:
             return
         record = {**record, "elapsed_s": round(self.elapsed_s(), 3)}
         self.file.write(json.dumps(record) + "\n")
+        if self.scalars is not None and "step" in record and "event" not in record:
+            for key, value in record.items():
+                if key not in ("step", "elapsed_s") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.scalars.add_scalar(key, value, record["step"])
         text = "  ".join(f"{k}={_fmt(v)}" for k, v in record.items())
         if self.progress is not None:
             fields = {}
@@ -67,7 +73,20 @@ class MetricsLog:
             return
         if self.progress is not None:
             self.progress.stop()
+        if self.scalars is not None:
+            self.scalars.close()
         self.file.close()
+
+
+def tensorboard_writer(folder: Path):
+    """A TensorBoard SummaryWriter when the optional `tensorboard` package is installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:  # torch's writer needs it; without it, metrics.jsonl only
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(folder))
 
 
 def _fmt(value: object) -> str:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,9 +56,13 @@ def default_cache_dir() -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (a saved dataset folder: of each file in it, by name)."""
+    """sha256 of a file's bytes (a saved dataset folder: of its own files, by name; not of cache files
+    datasets may have written beside them)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name in ("dataset_info.json", "state.json") or (p.name.startswith("data-") and p.suffix == ".arrow"))
+    else:
+        files = [path]
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with file.open("rb") as f:
@@ -67,8 +72,15 @@ def file_digest(path: Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the ids a tokenizer gives: class, vocabulary, the whole pipeline of a fast tokenizer
+    (normalizer, pre-tokenizer, merges, post-processor), its init settings, specials, chat template, and
+    the library version."""
+    import transformers
+
     vocab = sorted(tokenizer.get_vocab().items())
-    ident = [type(tokenizer).__name__, vocab, tokenizer.eos_token_id, tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None)]
+    backend = tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False) else None
+    ident = [type(tokenizer).__name__, vocab, backend, sorted((k, str(v)) for k, v in tokenizer.init_kwargs.items()),
+             tokenizer.eos_token_id, tokenizer.pad_token_id, getattr(tokenizer, "chat_template", None), transformers.__version__]
     return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:16]
 
 
@@ -78,18 +90,44 @@ def cache_key(source: CachedSource, tokenizer_id: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def read_rows(path: Path) -> datasets.Dataset:
-    """A data file (or a folder written by `Dataset.save_to_disk`) as a datasets table."""
+def read_rows(path: Path, work: Path) -> datasets.Dataset:
+    """A data file (or a folder written by `Dataset.save_to_disk`) as a datasets table, its Arrow conversion
+    in `work` (this build's own folder: datasets' shared cache keys local files by path and mtime, so a
+    file replaced with the same mtime would come back stale)."""
     try:
         if path.is_dir():
             table = datasets.load_from_disk(str(path))
         else:
-            table = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", cache_dir=str(default_cache_dir() / "raw"))
+            table = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", cache_dir=str(work / "raw"))
     except Exception as exc:  # datasets raises many types for a malformed file; all mean "fix the file"
         raise FTLError(f"Cannot read data file {path}: {str(exc).strip() or type(exc).__name__}. Check that it is valid {path.suffix[1:] or 'dataset'}.") from None
     if len(table) == 0:
         raise FTLError(f"Data file {path} has no rows. Point `data` at a file with examples in it.")
     return table
+
+
+def columns_of(path: Path) -> list[str]:
+    """A data file's column names, from its first row or schema (not a parse of the whole file)."""
+    try:
+        if path.is_dir():
+            return datasets.load_from_disk(str(path)).column_names
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(path).names
+        with path.open(encoding="utf-8") as f:
+            if path.suffix == ".csv":
+                import csv
+
+                return next(csv.reader(f), [])
+            if path.suffix == ".json":
+                first = json.load(f)
+                first = first[0] if isinstance(first, list) and first else first
+            else:
+                first = json.loads(next((line for line in f if line.strip()), "{}"))
+    except (OSError, ValueError, StopIteration) as exc:
+        raise FTLError(f"Cannot read data file {path}: {exc}. Check that it is valid {path.suffix[1:]}.") from None
+    return list(first) if isinstance(first, dict) else []
 
 
 def _tokenize(rows: dict, indices: list[int], fmt: str, fields: Fields, tokenizer) -> dict:
@@ -124,7 +162,8 @@ def pack_blocks(table: datasets.Dataset, seq_len: int, pad_id: int) -> dict[str,
     labels = np.concatenate([pc.list_flatten(c).to_numpy() for c in column["labels"].chunks])
     lengths = np.concatenate([pc.list_value_length(c).to_numpy() for c in column["input_ids"].chunks])
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)  # each token's document start
-    positions = np.arange(len(ids)) - starts
+    index = np.arange(len(ids))
+    positions = index - np.maximum(starts, index // seq_len * seq_len)  # from the document's start, or its block's
     blocks = -(-len(ids) // seq_len)
     pad = blocks * seq_len - len(ids)
     ids = np.concatenate([ids, np.full(pad, pad_id)]).reshape(blocks, seq_len)
@@ -134,15 +173,32 @@ def pack_blocks(table: datasets.Dataset, seq_len: int, pad_id: int) -> dict[str,
 
 
 def build(source: CachedSource, tokenizer, folder: Path, num_proc: int) -> dict:
-    """Tokenize `source` into `folder` (not yet there); returns its stats."""
+    """Tokenize `source` into `folder` (not yet there); returns its stats. Everything is written in a
+    private temporary folder beside it (its own name: builders on several nodes never share one), then
+    renamed into place; datasets' intermediate files go there too and are removed with it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        return _build(source, tokenizer, folder, num_proc, tmp)
+    except FTLError:
+        raise
+    except Exception as exc:  # a template refusing a conversation, a full disk: one paragraph, on every rank
+        raise FTLError(
+            f"Tokenizing data file {source.path} as `{source.format}` failed: {type(exc).__name__}: {str(exc).strip()[:600]}. "
+            "Fix the file or the tokenizer's chat template, or choose another `data.format`."
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build(source: CachedSource, tokenizer, folder: Path, num_proc: int, tmp: Path) -> dict:
     start = time.monotonic()
-    table = read_rows(source.path)
+    table = read_rows(source.path, tmp)
     mapped = table.map(
         _tokenize, batched=True, batch_size=1000, with_indices=True, num_proc=max(1, min(num_proc, len(table) // 1000 or 1)),
         remove_columns=table.column_names, fn_kwargs={"fmt": source.format, "fields": source.fields, "tokenizer": tokenizer},
-        new_fingerprint=f"ftl-{folder.name}", keep_in_memory=False,
+        new_fingerprint=f"ftl-{folder.name}", cache_file_name=str(tmp / "tokenized.arrow"),
     )
-    bad_rows = mapped.filter(lambda b: [bool(x) for x in b], input_columns=["bad"], batched=True)
+    bad_rows = mapped.filter(lambda b: [bool(x) for x in b], input_columns=["bad"], batched=True, cache_file_name=str(tmp / "bad.arrow"))
     if len(bad_rows) and source.on_bad_rows == "fail":
         first = bad_rows[0]
         where = f"line {first['row'] + 1}" if source.path.suffix == ".jsonl" else f"row {first['row']}"
@@ -150,7 +206,7 @@ def build(source: CachedSource, tokenizer, folder: Path, num_proc: int) -> dict:
             f"Data file {source.path}, {where}: {first['bad']}. {len(bad_rows)} of {len(table)} rows are unusable; fix them, or "
             "set `data.on_bad_rows: skip` to train on the rest (the count is logged)."
         )
-    good = mapped.filter(lambda b: [not x for x in b], input_columns=["bad"], batched=True) if len(bad_rows) else mapped
+    good = mapped.filter(lambda b: [not x for x in b], input_columns=["bad"], batched=True, cache_file_name=str(tmp / "good.arrow")) if len(bad_rows) else mapped
     if len(good) == 0:
         raise FTLError(f"Data file {source.path}: none of its {len(table)} rows is usable as `{source.format}` (first: {bad_rows[0]['bad']}).")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -169,21 +225,20 @@ def build(source: CachedSource, tokenizer, folder: Path, num_proc: int) -> dict:
                 f"Data file {source.path} supervises zero tokens: in no row does a completion or assistant turn start within "
                 f"`train.seq_len`={seq_len} tokens, so training would learn nothing. Raise seq_len, or check `data.format` and the fields."
             )
-        final = good.select_columns(["input_ids", "labels"]).select([i for i, n in enumerate(counts) if n]).flatten_indices()
+        final = good.select_columns(["input_ids", "labels"]).select([i for i, n in enumerate(counts) if n], keep_in_memory=True)
         supervised, too_long = sum(counts), counts.count(0)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save_to_disk(str(tmp))
+    entry = tmp / "entry"
+    final.save_to_disk(str(entry))
     stats = {
         "file": str(source.path), "format": source.format, "rows": len(table), "bad_rows": len(bad_rows),
         "examples": len(final), "supervised_tokens": supervised, "unsupervised_within_seq_len": too_long, "packed": source.pack and source.format != "classification",
         "tokenize_s": round(time.monotonic() - start, 2),
     }
-    (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
+    (entry / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     try:
-        os.rename(tmp, folder)
+        os.rename(entry, folder)
     except OSError:  # another node's builder finished first: its entry is the same
-        shutil.rmtree(tmp, ignore_errors=True)
+        pass
     return stats
 
 

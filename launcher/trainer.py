@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from launcher.augment import resolve as resolve_augment
 from launcher.continual import EvalSets, phase_sources
 from launcher.checkpoint import Checkpoint, Checkpointer, clean_stale_tmp, find_resume_checkpoint
 from launcher.data import TrainStream, build_tokenizer, check_vocab, collator, few_shot_rows, label_names_of, load_examples, loss_by_source, open_sources
@@ -96,10 +97,7 @@ class Trainer:
             four_bit=meta and spec.method.name == "qlora", strategy=plan.strategy,
         )
         check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
-        # Packed blocks restart position ids per document only where attention stays within a document too
-        # (FlashAttention-2's varlen path); elsewhere positions run on, as a plain concat-and-chunk does.
-        doc_positions = getattr(getattr(model, "config", None), "_attn_implementation", None) == "flash_attention_2"
-        self.collate = collator(spec, tokenizer, self.label_names, doc_positions)
+        self.collate = collator(spec, tokenizer, self.label_names)
         self.enter_phase(self.schedule.phase_index(self.start_step + 1))
         prompt_ids = ()
         if spec.method.name == "prompt_tuning" and spec.method.prompt_tuning.init == "text":
@@ -186,7 +184,7 @@ class Trainer:
         if spec.data.few_shot:
             for i, source in enumerate(sources):
                 rows = few_shot_rows(spec, source, spec.data.few_shot, spec.train.seed + i)
-                source.rows, chosen[source.name] = source.rows.select(rows), rows
+                source.rows, chosen[source.name] = source.rows.select(rows, keep_in_memory=True), rows  # nothing written into the cache
         for source in sources:
             stats = source.stats
             self.log.log({"step": self.start_step, "event": "data", "source": source.name, "examples": len(source),
@@ -202,14 +200,16 @@ class Trainer:
         spec, env = self.spec, self.env
         self.phase = index
         self.sources = phase_sources(self.schedule.phases[index], self.sources_by_name, spec.train.seed)
-        self.stream = TrainStream(self.sources, self.collate, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed + index)
+        augment = resolve_augment(spec.data.augment) if spec.data.augment else None
+        self.stream = TrainStream(self.sources, self.collate, spec.train.micro_batch_size, env.rank, env.world_size, spec.train.seed + index,
+                                  augment, spec.data.augment_p)
         self.source_losses = torch.zeros(len(self.sources), 2, device=self.rt.device)  # summed since the last log line
         if len(self.schedule.phases) > 1:
             phase = self.schedule.phases[index]
             self.log.log({"step": phase.first_step - 1, "event": "phase", "phase": index, "detail": f"phase {phase.name}: steps "
                           f"{phase.first_step}..{phase.last_step} on {', '.join(f'{s.name} ({s.weight:.0%})' for s in self.sources)}"})
 
-    def phase_end(self, step: int) -> None:
+    def phase_end(self, step: int) -> dict:
         """Evaluate every eval set (a row of R), and write the forgetting report so far."""
         measured = self.evals.measure()
         self.evals.rows.append(measured)
@@ -217,6 +217,7 @@ class Trainer:
         if self.evals.sets:
             table = self.evals.write(self.job.run_dir, self.schedule) if self.env.is_main else ""
             self.log.message(f"FTL: after phase {self.schedule.phases[self.phase].name}:\n{table}")
+        return measured
 
     # -- step ------------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
@@ -294,9 +295,11 @@ class Trainer:
                     log.log({"step": step, "event": "early_stop", "detail": watch.describe()})
                     last = step
                     break
+            measured = self.phase_end(step) if self.schedule.is_phase_end(step) else None  # before the watch can stop the run
             if self.evals.sets and self.schedule.should_evaluate(step, last):
-                measured = self.evals.measure()
-                log.log({"step": step, **self.evals.flat(measured)})
+                if measured is None:
+                    measured = self.evals.measure()
+                    log.log({"step": step, **self.evals.flat(measured)})
                 alarms = self.evals.watch(measured)
                 for line in alarms:
                     log.log({"step": step, "event": "alarm", "detail": f"general-capability watch: {line}"})
@@ -304,11 +307,9 @@ class Trainer:
                     path = self.save(step)
                     log.log({"step": step, "event": "early_stop", "detail": f"the watch stopped the run (stop_on_regression); checkpoint {path}"})
                     return self.finish(Result(Outcome.EARLY_STOPPED, step, str(path), "; ".join(alarms)))
-            if self.schedule.is_phase_end(step):
-                self.phase_end(step)
-                if step != last:
-                    self.save(step)
-                    continue
+            if measured is not None and self.schedule.is_phase_end(step) and step != last:
+                self.save(step)
+                continue
             # After evaluation, so a request that came during it waits no longer than the step after it; not
             # at the last step, whose save ends the run anyway.
             if step != last and self.rt.any_true(self.stop.requested() is not None):  # every rank stops at the same step

@@ -27,3 +27,12 @@ def test_multitask_mixture_trains_logs_each_source_and_reuses_the_cache(tmp_path
     events = [r for r in metric_records(tmp_path / "b") if r.get("event") == "data"]
     assert len(events) == 2 and not any(r["tokenized"] for r in events)
     assert all("from the cache" in r["detail"] for r in events)
+
+
+def test_chat_job_that_would_supervise_nothing_stops_before_training(tmp_path: Path) -> None:
+    # At 32 tokens no assistant turn starts inside the sequence (the system and user turns fill it).
+    result = run_ftl("run", "configs/chat.yaml", f"output_dir={tmp_path / 'chat'}", f"data.cache_dir={tmp_path / 'cache'}",
+                     "train.seq_len=32", "hardware.device=cpu")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "supervises zero tokens" in result.stderr and "chat.jsonl" in result.stderr
+    assert not [r for r in metric_records(tmp_path / "chat") if "loss" in r]

@@ -57,7 +57,10 @@ def test_packing_loses_and_repeats_no_token(tmp_path: Path) -> None:
     kept = blocks[blocks != -100].tolist()
     assert kept == expected  # in order, each token once; the last block's padding is masked
     positions = np.stack([source.rows[i]["position_ids"] for i in range(len(source))]).reshape(-1)[: len(expected)]
-    assert (positions == 0).sum() == len(rows)  # position ids restart at each document
+    lengths = [len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]
+    doc_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    k = np.arange(len(expected))
+    assert (positions == k - np.maximum(doc_start, k // 32 * 32)).all()  # restart at each document and each block
 
 
 def test_bad_rows_are_skipped_and_counted_or_named(tmp_path: Path) -> None:
@@ -108,3 +111,26 @@ def test_packed_mixture_token_shares_follow_the_weights(tmp_path: Path) -> None:
         for source, labels in zip(stream.last_sources, batch["labels"]):
             tokens[source] += int((labels != -100).sum())
     assert abs(tokens[0] / sum(tokens) - 0.75) < 0.01, tokens
+
+
+def test_a_saved_dataset_folder_is_read_and_cached_without_writing_into_it(tmp_path: Path) -> None:
+    import datasets
+
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_list(texts(300)).save_to_disk(str(folder))
+    before = sorted(p.name for p in folder.iterdir())
+    spec = job(tmp_path, {"train": str(folder)})
+    tokenizer = build_tokenizer(spec)
+    (first,) = open_sources(spec, tokenizer, spec.data.sources)
+    (again,) = open_sources(spec, tokenizer, spec.data.sources)
+    assert first.built and not again.built and len(first) == len(again)
+    assert sorted(p.name for p in folder.iterdir()) == before  # datasets' intermediates went elsewhere
+
+
+def test_one_name_is_one_source_across_phases(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    same_stem = [write_jsonl(d / "train.jsonl", texts(10)) for d in (a, b)]
+    phases = [{"name": f"p{i}", "steps": 5, "mixture": [{"path": str(p)}]} for i, p in enumerate(same_stem)]
+    with pytest.raises(FTLError, match="name 'train' is given to two different sources"):
+        job(tmp_path, {"train": None, "phases": phases}, max_steps=10)
