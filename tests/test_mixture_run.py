@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import metric_records, run_ftl
 
 
@@ -21,6 +23,11 @@ def test_multitask_mixture_trains_logs_each_source_and_reuses_the_cache(tmp_path
     assert len(logged) >= 5 and all("loss/arithmetic" in r for r in logged)
     for name in ("prose", "arithmetic"):
         assert logged[-1][f"loss/{name}"] < logged[0][f"loss/{name}"], (name, logged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # the dev extra installs it
+
+    scalars = EventAccumulator(str(tmp_path / "a" / "tensorboard")).Reload()
+    prose = [(e.step, e.value) for e in scalars.Scalars("loss/prose")]
+    assert prose == [(r["step"], pytest.approx(r["loss/prose"], rel=1e-5)) for r in logged]
 
     again = run_ftl("run", "configs/multitask.yaml", f"output_dir={tmp_path / 'b'}", "train.max_steps=2", "train.warmup_steps=0", *common)
     assert again.returncode == 0, again.stderr[-3000:]

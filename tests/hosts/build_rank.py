@@ -2,6 +2,7 @@
 as rank 0 sees it after gathering every shard: parameters by name, and for each 4-bit layer its weight
 dequantised with the constants the rank holds. Usage: torchrun ... -m tests.hosts.build_rank RUN_DIR OUT"""
 
+import gc
 import sys
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def main() -> None:
                 packed = tensors[f"{name}.weight"]
                 tensors[f"{name}.dequantized"] = bnbf.dequantize_4bit(packed, module.quant_state).contiguous()
         save_file(tensors, str(out))
+    # As launcher.entries.run_rank does: the model and its FSDP state go before the groups they use.
+    del model, state
     trainer.close()
+    gc.collect()
     runtime.close()
 
 

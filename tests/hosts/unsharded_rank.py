@@ -6,6 +6,7 @@ FSDP2 swaps a module's parameter attributes between the sharded DTensor and the 
 gathers and frees them, so a block whose parameters are plain tensors right now is unsharded right now.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ def main() -> None:
         out.write_text(json.dumps(every))
     counter.remove()
     trainer.close()
+    gc.collect()  # the model and its wrappers go before the groups they use (as launcher.entries.run_rank)
     runtime.close()
 
 
