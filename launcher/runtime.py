@@ -84,6 +84,22 @@ class RankRuntime:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
         return value.item() == 1
 
+    def first_text(self, text: str | None, limit: int = 512) -> str | None:
+        """The lowest rank's non-empty `text` (UTF-8, cut to `limit` bytes), the same on every rank; None if
+        no rank has one. Collective on the control group. Fixed-size byte tensors rather than
+        all_gather_object, so nothing received is unpickled."""
+        mine = torch.zeros(limit, dtype=torch.uint8)
+        raw = (text or "").encode()[:limit]
+        if raw:
+            mine[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        every = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+        dist.all_gather(every, mine, group=self.control)
+        for got in every:
+            data = bytes(got.tolist()).rstrip(b"\0")
+            if data:
+                return data.decode(errors="replace")
+        return None
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Elementwise sum over ranks of a CPU tensor (gloo has no AVG)."""
         values = values.detach().to("cpu", copy=True)

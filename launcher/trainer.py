@@ -313,7 +313,7 @@ class Trainer:
             # After evaluation, so a request that came during it waits no longer than the step after it; not
             # at the last step, whose save ends the run anyway.
             if step != last and self.rt.any_true(self.stop.requested() is not None):  # every rank stops at the same step
-                why = self.stop.requested() or "another rank was asked to stop"
+                why = self.rt.first_text(self.stop.requested()) or "a rank was asked to stop"  # the same on every rank
                 path = self.save(step)  # completes a background save in flight first
                 log.log({"step": step, "event": "preempted", "detail": f"{why}; checkpoint saved, rerun to resume"})
                 return self.finish(Result(Outcome.PREEMPTED, step, str(path), why))

@@ -93,7 +93,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert len(list(ckpt.glob("trainer_state.rank*.json"))) == 2 and saved == {manifest["step"]}
     detail = [r["detail"] for r in records(run_dir) if r.get("event") == "preempted"][0]
-    assert "another rank" in detail or "SIGUSR2" in detail
+    assert detail.startswith("SIGUSR2")  # rank 0 reports the signal the other rank heard
 
 
 def prepared(tmp_path: Path, name: str, device: str = "cpu", **train) -> Path:

@@ -30,6 +30,7 @@ def test_a_group_without_a_cpu_backend_refuses_cpu_tensors_the_control_group_doe
         assert runtime.control._get_backend(torch.device("cpu")) is not None  # the group object has a CPU backend
         assert runtime.any_true(True) and not runtime.any_true(False)
         assert runtime.sum(torch.tensor([2.0])).item() == 2.0
+        assert runtime.first_text("ftl cancel ✓") == "ftl cancel ✓" and runtime.first_text(None) is None
         runtime.close()
         assert dist.is_initialized()  # adopted: the host's group is left alone
     finally:
