@@ -62,6 +62,12 @@ class PhaseSpec(_Section):
     """Share of this phase's examples drawn from the earlier phases' sources (by their weights), against forgetting."""
     replay_rows: int | None = Field(None, gt=0)
     """Replay only this many rows of each earlier source (a seeded reservoir); default: all of them."""
+    lr: float | None = Field(None, gt=0)
+    """This phase's peak learning rate. When any phase sets `lr` or `warmup_steps`, every phase runs its own
+    warmup + cosine cycle over its steps (re-warming, as continual pre-training does), unset values taken
+    from `train`; otherwise one schedule spans all phases."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """This phase's linear warmup steps (with its own cycle; default `train.warmup_steps`)."""
 
 
 class EvalSetSpec(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -229,8 +230,27 @@ def param_groups(named_params, train: TrainSpec, heads: list[str], body_ratio: f
     return groups
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup then cosine decay to `min_lr_ratio`, applied to each group's own LR."""
+def cosine_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """The LR multiplier `step` (0-based) optimizer steps into a cycle of `steps`: linear warmup from 0, then a
+    half cosine to `min_ratio` (the same curve as transformers' get_cosine_with_min_lr_schedule_with_warmup,
+    which builds whole schedulers only; a phase needs the curve)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec, phases: tuple = ()) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup then cosine decay to `min_lr_ratio`, applied to each group's own LR. With `phases` that
+    have their own cycle (schedule.Phase.lr), each phase re-warms to its own peak and decays over its steps;
+    group LR ratios (a new head's) hold within each phase."""
+    if any(p.lr is not None for p in phases):
+
+        def factor(done: int) -> float:  # `done` optimizer steps taken: the next is step done + 1
+            phase = next((p for p in phases if done + 1 <= p.last_step), phases[-1])
+            return phase.lr / train.lr * cosine_factor(done + 1 - phase.first_step, phase.steps, phase.warmup_steps, train.min_lr_ratio)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=train.warmup_steps,

@@ -20,6 +20,12 @@ class Phase:
     replay: float = 0.0  # share of examples drawn from `replayed`
     replayed: tuple[SourceSpec, ...] = ()  # the earlier phases' sources
     replay_rows: int | None = None
+    lr: float | None = None  # peak LR of the phase's own warmup + cosine cycle (None: the run's one schedule)
+    warmup_steps: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.last_step - self.first_step + 1
 
 
 @dataclass(frozen=True)
@@ -37,11 +43,18 @@ class Schedule:
             phases = (Phase("train", 1, train.max_steps, tuple(spec.data.sources)),)
         else:
             phases, first, earlier = [], 1, []
+            own = any(p.lr is not None or p.warmup_steps is not None for p in spec.data.phases)
             for p in spec.data.phases:
-                phases.append(Phase(p.name, first, first + p.steps - 1, tuple(p.mixture), p.replay, tuple(earlier) if p.replay else (), p.replay_rows))
+                cycle = dict(lr=p.lr or train.lr, warmup_steps=train.warmup_steps if p.warmup_steps is None else p.warmup_steps) if own else {}
+                phases.append(Phase(p.name, first, first + p.steps - 1, tuple(p.mixture), p.replay, tuple(earlier) if p.replay else (), p.replay_rows, **cycle))
                 first, earlier = first + p.steps, earlier + [s for s in p.mixture if s.label not in {e.label for e in earlier}]
             phases = tuple(phases)
         return cls(phases, train.max_steps, train.stop_at, train.log_every, train.eval_every)
+
+    @property
+    def phase_cycles(self) -> bool:
+        """Whether each phase has its own LR cycle (`data.phases[*].lr` / `warmup_steps`)."""
+        return any(p.lr is not None for p in self.phases)
 
     @property
     def last_step(self) -> int:

@@ -335,6 +335,16 @@ class JobSpec(_Section):
                 f"`data.phases` steps add up to {steps} = {sum(p.steps for p in self.data.phases)}, but `train.max_steps` is "
                 f"{train.max_steps}: set train.max_steps to the sum (the LR schedule spans every phase)"
             )
+        phases = self.data.phases or []
+        if any(p.lr is not None or p.warmup_steps is not None for p in phases):
+            for i, p in enumerate(phases):
+                warmup = train.warmup_steps if p.warmup_steps is None else p.warmup_steps
+                if warmup >= p.steps:
+                    given = f"data.phases.{i}.warmup_steps" if p.warmup_steps is not None else "train.warmup_steps (its default)"
+                    raise ValueError(
+                        f"phase {p.name!r} has its own LR cycle, but its warmup ({warmup} steps, {given}) does not fit its "
+                        f"{p.steps} steps: set `data.phases.{i}.warmup_steps` below {p.steps}"
+                    )
         return self
 
     def to_yaml(self) -> str:

@@ -133,7 +133,7 @@ class Trainer:
                 prompt_token_ids=prompt_ids,
             )
         self.strategy.setup(model, self.blocks, make_optimizer, weights)
-        self.scheduler = build_scheduler(self.strategy.optimizer, spec.train)
+        self.scheduler = build_scheduler(self.strategy.optimizer, spec.train, self.schedule.phases)
         seed_everything(spec.train.seed + env.rank)  # dropout differs per rank, reproducibly
         self.validation = None
         if spec.data.validation is not None:
