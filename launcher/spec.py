@@ -6,8 +6,6 @@ Precedence is explicit: CLI override > YAML > field default. Every validation pr
 
 from __future__ import annotations
 
-import difflib
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,12 +16,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 from launcher.data_spec import DataFormat, DataSpec, EvalSetSpec, PhaseSpec, SourceSpec  # noqa: F401 (the spec tree's data section)
 from launcher.errors import FTLError
+from launcher.spec_errors import explain_validation_error
 
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload")
 StrategyName = Literal["auto", "ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload"]
@@ -289,6 +290,27 @@ class HardwareSpec(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when this machine has it, else the CPU (gloo)."""
 
+    @field_validator("gpu_mem", "cpu_mem", mode="before")
+    @classmethod
+    def _unit_given(cls, value: Any, info: ValidationInfo) -> Any:
+        # A bare number would be read as bytes (`80` -> 80 B) and planned into nonsense: a unit is required.
+        text = str(value).strip()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or text.replace(".", "", 1).isdigit():
+            flag = f" (on the command line: `--gpu-mem {text}GB`)" if info.field_name == "gpu_mem" else ""
+            raise ValueError(
+                f"{text} has no unit (a bare number would be read as {text} bytes); write it with one, e.g. "
+                f"`{text}GB` (decimal, {text}·10⁹ bytes) or `{text}GiB` (binary){flag}; B, MB, MiB, TB and TiB work too"
+            )
+        return value
+
+    @field_serializer("gpu_mem", "cpu_mem")
+    def _with_unit(self, size: ByteSize) -> str:
+        # Exact, with a unit, so the run dir's spec.yaml reads back through `_unit_given`.
+        for unit, scale in (("TB", 10**12), ("GB", 10**9), ("GiB", 2**30), ("MB", 10**6), ("MiB", 2**20)):
+            if size % scale == 0:
+                return f"{size // scale}{unit}"
+        return f"{int(size)}B"
+
 
 class JobSpec(_Section):
     model: ModelSpec
@@ -408,42 +430,4 @@ def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise FTLError(explain_validation_error(exc, source)) from None
-
-
-def explain_validation_error(exc: ValidationError, source: str) -> str:
-    problems = [_explain_one(err) for err in exc.errors()]
-    lead = f"Job spec {source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
-    return lead + " ".join(problems) + " Run `ftl spec --schema` to see every field with its meaning."
-
-
-def _explain_one(err: dict[str, Any]) -> str:
-    loc = [str(part) for part in err["loc"] if not isinstance(part, int)]
-    field = ".".join(loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        parent, name = loc[:-1], loc[-1]
-        known = _known_fields(parent)
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f" Did you mean `{'.'.join(parent + [close[0]])}`?" if close else ""
-        where = f"`{'.'.join(parent)}`" if parent else "the top level"
-        return f"`{field}` is not a known key in {where} (known: {', '.join(known)}).{hint}"
-    if kind == "missing":
-        return f"`{field}` is required but missing; add it to the YAML or pass `{field}=...` on the command line."
-    msg = err["msg"].removeprefix("Value error, ")
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) or kind.startswith("value_error") else f" (got {got!r})"
-    return f"`{field}`: {msg}{shown}."
-
-
-def _known_fields(parent: list[str]) -> list[str]:
-    model: type[BaseModel] = JobSpec
-    for part in parent:
-        annotation = model.model_fields[part].annotation
-        # `LoraSpec | None` and friends: the section's model is the BaseModel among the union's members.
-        members = [annotation, *typing.get_args(annotation)]
-        found = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
-        if not found:
-            return []
-        model = found[0]
-    return list(model.model_fields)
+        raise FTLError(explain_validation_error(exc, source, JobSpec, raw)) from None
