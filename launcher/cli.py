@@ -215,43 +215,9 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> MeasuredMemory:
 
 
 def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None) -> None:
-    r = job_plan.request
-    console.print(
-        f"[bold]model[/]  {r.shape.params_total:,} parameters ({_short(r.shape.params_total)}), "
-        f"{r.params_trainable:,} trainable ({r.params_trainable / r.shape.params_total:.1%}), method {r.method}"
-    )
-    console.print(
-        f"[bold]hardware[/]  {r.nodes} node(s) x {r.gpus_per_node} {r.device} = {r.world_size} ranks, "
-        f"{_gib(r.gpu_mem_bytes)} each, {r.precision}; micro-batch {r.micro_batch_size} x {r.seq_len} tokens, "
-        f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
-    )
-    table = Table(title=f"per-rank memory (budget {int(HEADROOM * 100)}% of {_gib(r.gpu_mem_bytes)} = {_gib(job_plan.budget_bytes)})")
-    shown = list(AUTO_ORDER) if job_plan.strategy in AUTO_ORDER else [*AUTO_ORDER, job_plan.strategy]
-    estimates = {s: (job_plan.per_rank if s == job_plan.strategy else estimate(r, s).memory) for s in shown}
-    table.add_column("")
-    for name in shown:
-        mark = " (chosen)" if name == job_plan.strategy else ""
-        table.add_column(name + mark, justify="right", style="bold green" if mark else None)
-    for label, key in (("parameters", "params"), ("gradients", "grads"), ("optimizer", "optimizer"),
-                       ("activations", "activations"), ("logits", "logits"), ("overhead", "overhead"), ("total", "total")):
-        table.add_row(label, *(_gib(_field(estimates[s], key)) for s in shown))
-    table.add_row("host (offload)", *(_gib(estimates[s].host * r.gpus_per_node) + "/node" if estimates[s].host else "-" for s in shown))
-    table.add_row("fits", *("yes" if _field(estimates[s], "total") <= job_plan.budget_bytes else "no" for s in shown))
-    console.print(table)
-    verdict = "[bold green]" if job_plan.fits else "[bold red]"
-    console.print(f"{verdict}strategy {job_plan.strategy}[/]: {escape(job_plan.reason)}")
-    for strategy, why in job_plan.rejected:
-        console.print(f"  rejected {strategy}: {escape(why)}")
-    for warning in job_plan.warnings:
-        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
-    if job_plan.suggestions:
-        console.print("[bold]what would fit:[/]")
-        for line in job_plan.suggestions:
-            console.print(f"  - {escape(line)}")
-    console.print("[bold]command[/]  " + escape(" ".join(command)))
-    if ds_config:
-        console.print("[bold]deepspeed config[/] (written to the run dir as deepspeed.json)")
-        console.print_json(data=ds_config)
+    from launcher.report import print_plan as render_plan
+
+    render_plan(console, job_plan, command, ds_config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -338,10 +304,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     print(json.dumps(JobSpec.model_json_schema(), indent=2))
     return 0
-
-
-def _field(memory: MemoryBreakdown, key: str) -> int:
-    return memory.total if key == "total" else getattr(memory, key)
 
 
 def _gib(n: int) -> str:

@@ -111,6 +111,22 @@ class MemoryInputs:
 
 
 @dataclass(frozen=True)
+class MomentBytes:
+    """What one rank holds at one moment of the step, by kind; the parts add up to the moment's bytes."""
+
+    params: int = 0  # resident parameters plus the gathered (unsharded) copies alive at that moment
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    logits: int = 0
+    temporaries: int = 0  # loss-backward buffers, unsharded grads and reduce-scatter inputs, step scratch
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.logits + self.temporaries
+
+
+@dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes one rank holds, by kind. `total` is the peak: the largest of the step's moments (see module
     doc), plus overhead. `host` is CPU memory for offloaded states."""
@@ -126,6 +142,7 @@ class MemoryBreakdown:
     backward_peak: int = 0  # the moments, without overhead
     step_peak: int = 0
     backward_end_peak: int = 0
+    at_peak: MomentBytes = MomentBytes()  # the peak moment's parts: with overhead, they add up to `total`
 
     @property
     def total(self) -> int:
@@ -229,33 +246,37 @@ def per_rank_memory(strategy: str, inputs: MemoryInputs, shard: int) -> MemoryBr
     loss_temp = 2 * logits  # softmax and grad of the logits, both fp32, at the start of backward
 
     # Start of backward (the loss): every saved activation, the root gathered and the next block arriving.
-    loss = st.resident + grads_kept + saved + logits + loss_temp + st.gathered - st.block_gathered
+    params = st.params + st.replicated
+    loss = MomentBytes(params + st.gathered - st.block_gathered, grads_kept, st.optimizer, saved, logits, loss_temp)
     # A block's forward: the root, the block's all-gather buffer and the parameters copied out of it, and the
     # next block's all-gather (Llama-2-7B LoRA, 8 ranks, seq 512 + AC: three 388 MiB blocks beside the root).
-    forward = st.resident + grads_kept + st.gathered + st.block_gathered + saved + recomputed
+    forward = MomentBytes(params + st.gathered + st.block_gathered, grads_kept, st.optimizer, saved + recomputed)
     # A block's backward, the first (most activations alive) and one of the last (most gradients reduced):
     # its recomputed activations, the blocks gathered, and under FSDP2 its unsharded gradients with their fp32
     # reduce-scatter input (compute + 4 B a trainable parameter) and the head's unsharded gradient, alive from
     # the first backward op to the root's post-backward (Llama-2-7B, 8 ranks, seq 512: 3 GiB over the step).
-    in_flight = st.gathered
+    unsharded_grads = 0
     if fsdp2:
-        in_flight += _block_trainable(inputs) * (inputs.compute_bytes + 4) + _head_trainable(inputs) * inputs.compute_bytes
-    first_block = st.resident + grads_kept + in_flight + saved + recomputed
+        unsharded_grads = _block_trainable(inputs) * (inputs.compute_bytes + 4) + _head_trainable(inputs) * inputs.compute_bytes
+    first_block = MomentBytes(params + st.gathered, grads_kept, st.optimizer, saved + recomputed, temporaries=unsharded_grads)
     reduced = st.grads - st.grads // inputs.shape.num_layers if strategy in ("fsdp2", "fsdp2_gradop") else 0
-    last_blocks = st.resident + grads_kept + in_flight + reduced + activation_bytes(inputs, regime, layers=2) + recomputed
-    backward = max(loss, forward, first_block, last_blocks)
+    last_blocks = MomentBytes(
+        params + st.gathered, grads_kept + reduced, st.optimizer, activation_bytes(inputs, regime, layers=2) + recomputed,
+        temporaries=unsharded_grads,
+    )
+    backward = max(loss, forward, first_block, last_blocks, key=lambda m: m.total)
 
-    backward_end, reduce_temp = 0, 0
+    backward_end = MomentBytes()
     if fsdp2:
         # The root's post-backward (Llama-3-8B, 8 ranks, seq 1024: 1.96 GiB of bf16 grads + 3.91 GiB of fp32
         # reduce-scatter input for embedding and head, on top of every block's sharded gradient: the peak).
         root = _root_trainable(inputs)
-        reduce_temp = root * (inputs.compute_bytes + 4)
-        backward_end = st.resident + max(0, st.grads - root * 4 // shard) + reduce_temp
+        backward_end = MomentBytes(params, max(0, st.grads - root * 4 // shard), st.optimizer, temporaries=root * (inputs.compute_bytes + 4))
 
     step_temp = _step_temp_bytes(inputs, shard if strategy not in ("ddp", "zero1") else 1) if st.grads else 0
-    step = st.resident + st.grads + st.grad_copy + step_temp
-    temporaries = {backward: loss_temp if backward == loss else in_flight - st.gathered, backward_end: reduce_temp, step: step_temp + st.grad_copy}
+    step = MomentBytes(params, st.grads + st.grad_copy, st.optimizer, temporaries=step_temp)
+    # Ties go to the earliest moment, as `MemoryBreakdown.peak_moment` names it.
+    at_peak = max(backward, backward_end, step, key=lambda m: m.total)
     return MemoryBreakdown(
         params=st.params + st.replicated + st.gathered,
         grads=st.grads + st.grad_copy,
@@ -263,11 +284,12 @@ def per_rank_memory(strategy: str, inputs: MemoryInputs, shard: int) -> MemoryBr
         activations=saved + recomputed,
         logits=logits,
         overhead=OVERHEAD_CUDA_BYTES if inputs.device == "cuda" else OVERHEAD_CPU_BYTES,
-        temporaries=temporaries[max(temporaries)],
+        temporaries=at_peak.temporaries,
         host=st.host,
-        backward_peak=backward,
-        step_peak=step,
-        backward_end_peak=backward_end,
+        backward_peak=backward.total,
+        step_peak=step.total,
+        backward_end_peak=backward_end.total,
+        at_peak=at_peak,
     )
 
 

@@ -15,6 +15,7 @@ from launcher.memory import (
     GiB,
     MemoryBreakdown,
     MemoryInputs,
+    MomentBytes,
     per_rank_memory,
 )
 from launcher.model_info import ModelShape
@@ -153,11 +154,17 @@ class Plan:
             shard_group=data["shard_group"],
             fits=data["fits"],
             reason=data["reason"],
-            per_rank=MemoryBreakdown(**data["memory"]),
+            per_rank=_memory_from_dict(data["memory"]),
             rejected=tuple((r["strategy"], r["reason"]) for r in data["rejected"]),
             suggestions=tuple(data["suggestions"]),
             warnings=tuple(data["warnings"]),
         )
+
+
+def _memory_from_dict(data: dict) -> MemoryBreakdown:
+    memory = dict(data)
+    memory["at_peak"] = MomentBytes(**memory.get("at_peak", {}))  # a plan.json written before at_peak: zeros
+    return MemoryBreakdown(**memory)
 
 
 def request_from_spec(spec: JobSpec, shape: ModelShape, device: str, params_trainable: int | None = None) -> PlanRequest:

@@ -95,3 +95,57 @@ def test_plan_measure_traces_classification_with_its_head(capsys):
     plan = json.loads(capsys.readouterr().out)
     predicted = plan["per_rank_bytes"]["total"] - plan["per_rank_bytes"]["overhead"]
     assert abs(predicted / plan["measured_peak_bytes"] - 1) < 0.10, (predicted, plan["measured_peak_bytes"])
+
+
+def _plan_text(config: str, *overrides: str, width: int = 100) -> tuple[object, str]:
+    """The plan of `config` and the text `ftl plan` prints for it on a `width`-column terminal."""
+    import io
+
+    from rich.console import Console
+
+    from launcher.cli import job_command, make_job_plan
+    from launcher.report import print_plan
+
+    spec = load_spec(Path(config), list(overrides))
+    job_plan = make_job_plan(spec)
+    out = io.StringIO()
+    print_plan(Console(file=out, width=width, highlight=False, soft_wrap=True), job_plan, job_command(spec, job_plan))
+    return job_plan, out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "config,overrides",
+    [("configs/quickstart.yaml", ()), ("configs/llama3-8b-full.yaml", ()), ("configs/llama3-70b-full.yaml", ()),
+     ("configs/llama3-8b-full.yaml", ("strategy=zero3",))],  # a forced strategy adds a seventh column
+    ids=["quickstart", "8b", "70b", "8b-forced-zero3"],
+)
+def test_plan_table_rows_add_up_to_the_total_and_fit_100_columns(config, overrides):
+    from launcher.planner import estimate
+
+    job_plan, text = _plan_text(config, *overrides)
+    lines = text.splitlines()
+    for line in lines:  # only the command, which is copied into a shell, stays one long line
+        assert len(line) <= 100 or line.startswith("command  "), line
+    assert "…" not in text
+    header = next(line for line in lines if "zero3_offload" in line)
+    names = [n.rstrip("*") for n in header.split()]
+    rows = {line.split()[0]: line.split()[1:] for line in lines if line.split() and line.split()[0] in (
+        "parameters", "gradients", "optimizer", "activations", "logits", "temporaries", "overhead", "total")}
+    assert len(rows) == 8
+    for i, name in enumerate(names):
+        parts = sum(float(rows[label][i].replace(",", "")) for label in rows if label != "total")
+        # each cell is rounded to 0.1, so the displayed parts may differ from the total by their rounding
+        assert abs(parts - float(rows["total"][i].replace(",", ""))) <= 0.05 * 7 + 1e-9, (name, parts, rows["total"][i])
+        memory = job_plan.per_rank if name == job_plan.strategy else estimate(job_plan.request, name).memory
+        assert memory.at_peak.total + memory.overhead == memory.total  # exactly, in bytes
+
+
+def test_plan_headline_says_does_not_fit_when_nothing_fits():
+    job_plan, text = _plan_text("configs/llama3-70b-full.yaml")
+    assert not job_plan.fits
+    assert "does not fit with any strategy" in text
+    assert "strategy fsdp2" not in text and "*" not in text  # no column is marked as if it would run
+    job_plan, text = _plan_text("configs/llama3-8b-full.yaml")
+    assert f"strategy {job_plan.strategy}:" in text and f"{job_plan.strategy}*" in text
+    _, text = _plan_text("configs/llama3-70b-full.yaml", "strategy=fsdp2")
+    assert "does not fit with the forced strategy fsdp2" in text

@@ -1,0 +1,118 @@
+"""What `ftl plan` and `ftl spec` print for a person: the plan as text, the spec as a field list.
+
+Rendering only: every number comes from the Plan (launcher/planner.py) and every word about a field from
+its docstring (launcher/spec.py, launcher/data_spec.py). Both fit a 100-column terminal: the table's
+values carry no unit (the title says it), and prose wraps at words, while the command stays one line to
+copy.
+"""
+
+from __future__ import annotations
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from launcher.memory import MemoryBreakdown
+from launcher.planner import HEADROOM, Plan, estimate
+from strategies.catalog import AUTO_ORDER
+
+# Parts of the peak moment, in the order they are listed; with the overhead they add up to `total`.
+PEAK_ROWS = (
+    ("parameters", "params"), ("gradients", "grads"), ("optimizer", "optimizer"), ("activations", "activations"),
+    ("logits", "logits"), ("temporaries", "temporaries"),
+)
+MOMENT_SHORT = {"backward": "backward", "end of backward": "bwd end", "optimizer step": "opt step"}
+
+
+def print_plan(console: Console, job_plan: Plan, command: list[str], ds_config: dict | None = None) -> None:
+    r = job_plan.request
+    say = _prose(console)
+    say(
+        f"[bold]model[/]  {r.shape.params_total:,} parameters ({short_count(r.shape.params_total)}), "
+        f"{r.params_trainable:,} trainable ({r.params_trainable / r.shape.params_total:.1%}), method {r.method}"
+    )
+    say(
+        f"[bold]hardware[/]  {r.nodes} node(s) x {r.gpus_per_node} {r.device} = {r.world_size} ranks, "
+        f"{gib(r.gpu_mem_bytes)} each, {r.precision}; micro-batch {r.micro_batch_size} x {r.seq_len} tokens, "
+        f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
+    )
+    console.print(plan_table(job_plan))
+    say(headline(job_plan))
+    for strategy, why in job_plan.rejected:
+        say(f"  rejected {strategy}: {escape(why)}")
+    for warning in job_plan.warnings:
+        say(f"[bold yellow]warning:[/] {escape(warning)}")
+    if job_plan.suggestions:
+        say("[bold]what would fit:[/]")
+        for line in job_plan.suggestions:
+            say(f"  - {escape(line)}")
+    # One line, never wrapped: it is copied into a shell.
+    console.print("[bold]command[/]  " + escape(" ".join(command)), soft_wrap=True)
+    if ds_config:
+        say("[bold]deepspeed config[/] (written to the run dir as deepspeed.json)")
+        console.print_json(data=ds_config)
+
+
+def headline(job_plan: Plan) -> str:
+    """`strategy X` only when X is what would run: a plan where nothing fits says so first."""
+    reason = escape(job_plan.reason)
+    if job_plan.fits:
+        return f"[bold green]strategy {job_plan.strategy}[/]: {reason}"
+    if job_plan.request.strategy != "auto":
+        return f"[bold red]does not fit[/] with the forced strategy {job_plan.strategy}: {reason}"
+    return f"[bold red]does not fit[/] with any strategy: {reason}"
+
+
+def plan_table(job_plan: Plan) -> Table:
+    """Per-rank device memory of every strategy at its own peak moment, whose parts (rows) add up to the
+    total; host memory of the offloading strategies below it. The plan's strategy is starred when it fits
+    or was forced."""
+    r = job_plan.request
+    shown = list(AUTO_ORDER) if job_plan.strategy in AUTO_ORDER else [*AUTO_ORDER, job_plan.strategy]
+    estimates = {s: estimate(r, s) for s in shown}
+    memory: dict[str, MemoryBreakdown] = {s: job_plan.per_rank if s == job_plan.strategy else e.memory for s, e in estimates.items()}
+    fits = {s: job_plan.fits if s == job_plan.strategy else e.fits for s, e in estimates.items()}
+    starred = job_plan.strategy if (job_plan.fits or r.strategy != "auto") else None
+    unit, scale = ("GiB", 2**30) if max(m.total for m in memory.values()) >= 2**30 else ("MiB", 2**20)
+
+    def cell(n: int) -> str:
+        return f"{n / scale:,.1f}"
+
+    table = Table(
+        title=f"per-rank memory in {unit} at each strategy's peak (budget {int(HEADROOM * 100)}% of "
+        f"{gib(r.gpu_mem_bytes)} = {gib(job_plan.budget_bytes)})",
+        caption=(f"* {'the chosen' if r.strategy == 'auto' else 'the forced'} strategy" if starred else None),
+        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left", caption_justify="left",
+    )
+    table.add_column("")
+    for name in shown:
+        chosen = name == starred
+        table.add_column(name + ("*" if chosen else ""), justify="right", style="bold green" if chosen and job_plan.fits else None)
+    table.add_row("peak at", *(MOMENT_SHORT[memory[s].peak_moment] for s in shown))
+    for label, key in PEAK_ROWS:
+        table.add_row(label, *(cell(getattr(memory[s].at_peak, key)) for s in shown))
+    table.add_row("overhead", *(cell(memory[s].overhead) for s in shown), end_section=True)
+    table.add_row("total", *(cell(memory[s].total) for s in shown), end_section=True)
+    table.add_row("host/node", *(cell(memory[s].host * r.gpus_per_node) if memory[s].host else "-" for s in shown))
+    table.add_row("fits", *("yes" if fits[s] else "no" for s in shown))
+    return table
+
+
+def _prose(console: Console):
+    """Print wrapped at words to the terminal's width (the module console does not wrap, for logs)."""
+
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=False, overflow="fold")
+
+    return say
+
+
+def gib(n: int) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:,.1f} GiB"
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def short_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
