@@ -7,12 +7,15 @@ This is the only planner input that touches torch; the result is a frozen `Model
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from typing import TYPE_CHECKING
 
 from launcher.errors import FTLError
-from launcher.spec import ModelSpec
+
+if TYPE_CHECKING:  # torch and transformers take seconds to import: only the functions that build a config need them
+    import torch
+    from transformers import PretrainedConfig
+
+    from launcher.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,8 @@ class ModelShape:
 
 def build_config(spec: ModelSpec) -> PretrainedConfig:
     """The HF config of the job's model, from the inline `model.config` or the local folder."""
+    from transformers import AutoConfig
+
     try:
         if spec.config is not None:
             fields = dict(spec.config)
@@ -64,6 +69,9 @@ def model_shape(spec: ModelSpec) -> ModelShape:
 
 
 def _shape_of(config: PretrainedConfig) -> ModelShape:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     params_total = sum(p.numel() for p in model.parameters())
@@ -101,6 +109,8 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     Found structurally rather than by family name (model.layers, transformer.h, encoder.layer, ...) so
     new architectures work without a table.
     """
+    import torch
+
     best: list[torch.nn.Module] = []
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):

@@ -8,12 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    PretrainedConfig,
-    get_cosine_with_min_lr_schedule_with_warmup,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PretrainedConfig
 
 from launcher.errors import FTLError
 from launcher.methods import apply_method, check_method, head_names, is_head_param, unfreeze_top_blocks, unfrozen_blocks_at
@@ -251,6 +246,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec, phases: 
             return phase.lr / train.lr * cosine_factor(done + 1 - phase.first_step, phase.steps, phase.warmup_steps, train.min_lr_ratio)
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    # Here, not at the top: transformers.optimization imports peft and bitsandbytes (through trainer_utils),
+    # seconds that `ftl plan`, which imports this module to count parameters, does not need.
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
         num_warmup_steps=train.warmup_steps,
