@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
     add_cluster_commands(sub, job_command)
 
-    s = sub.add_parser("spec", help="Show the job spec's fields.")
-    s.add_argument("--schema", action="store_true", help="print the JSON schema with every field's meaning")
+    s = sub.add_parser("spec", help="List the job spec's fields: path, type, default and meaning.")
+    s.add_argument("--schema", action="store_true", help="print the JSON schema instead (every field's meaning included)")
     s.set_defaults(func=cmd_spec)
     return parser
 
@@ -302,7 +302,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
-    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+    if args.schema:
+        print(json.dumps(JobSpec.model_json_schema(), indent=2))
+        return 0
+    from launcher.report import print_spec_fields
+
+    console.print(
+        "The job spec's fields, by section (`ftl spec --schema`: the JSON schema). Set any field in the YAML or "
+        "on the command line as `path=value`, e.g. `train.lr=1e-4`.", soft_wrap=False,
+    )
+    print_spec_fields(console, JobSpec)
     return 0
 
 

@@ -8,10 +8,18 @@ copy.
 
 from __future__ import annotations
 
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ByteSize
 from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from launcher.memory import MemoryBreakdown
 from launcher.planner import HEADROOM, Plan, estimate
@@ -116,3 +124,98 @@ def gib(n: int) -> str:
 
 def short_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+@dataclass(frozen=True)
+class SpecField:
+    """One field of the job spec as `ftl spec` lists it."""
+
+    path: str  # as written in an override: `train.lr`, `data.mixture.<i>.weight`
+    type: str
+    default: str  # "required" when the field has none
+    meaning: str  # the field's docstring
+    section: bool = False  # a block of further fields (`method.lora`)
+
+
+def spec_fields(model: type[BaseModel], prefix: str = "") -> list[SpecField]:
+    """Every field of `model` and of the sections under it, depth first, in declaration order."""
+    fields = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        default = "required" if info.is_required() else _default_text(info.get_default(call_default_factory=True))
+        meaning = " ".join((info.description or "").split())
+        section, in_list = _section_of(info.annotation)
+        if section is None:
+            fields.append(SpecField(path, _type_text(info.annotation), default, meaning))
+            continue
+        kind = "list of sections" if in_list else "section"
+        fields.append(SpecField(path, kind, default if in_list or default in ("required", "null") else "", meaning, section=True))
+        fields.extend(spec_fields(section, f"{path}.<i>." if in_list else f"{path}."))
+    return fields
+
+
+def print_spec_fields(console: Console, model: type[BaseModel]) -> None:
+    """The spec's fields grouped by top-level section: a line with path, type and default, then the meaning
+    wrapped under it at the terminal's width."""
+    for f in spec_fields(model):
+        top = "." not in f.path
+        if top:
+            console.print()
+        style = "bold underline" if top and f.section else "bold"
+        head = Text(f.path, style=style)
+        head.append(f"  {f.type}", style="cyan")
+        if f.default:
+            head.append(f"  = {f.default}" if f.default != "required" else "  (required)", style="dim" if f.default != "required" else "yellow")
+        console.print(head, soft_wrap=False, overflow="fold")
+        if f.meaning:
+            # textwrap, not rich: rich pads wrapped lines to the full width with spaces.
+            indent = "    "
+            console.print(textwrap.fill(f.meaning, max(40, console.width), initial_indent=indent, subsequent_indent=indent),
+                          markup=False, soft_wrap=True)
+
+
+def _section_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """(the section model, whether it is a list of them) for `X`, `X | None`, `list[X]`, `list[X] | None`."""
+    for arg in (annotation, *get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, False
+        if get_origin(arg) is list and get_args(arg) and isinstance(get_args(arg)[0], type) and issubclass(get_args(arg)[0], BaseModel):
+            return get_args(arg)[0], True
+    return None, False
+
+
+def _type_text(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if origin in (list, tuple, dict):
+        inner = ", ".join("..." if a is Ellipsis else _type_text(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is ByteSize:
+        return "size"  # with a unit: 80GB, 24GiB
+    if annotation is Path:
+        return "path"
+    if annotation is Any:
+        return "any"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, ByteSize):
+        for unit, scale in (("TB", 10**12), ("GB", 10**9), ("GiB", 2**30), ("MB", 10**6), ("MiB", 2**20)):
+            if value % scale == 0:
+                return f"{value // scale}{unit}"
+        return f"{int(value)}B"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, BaseModel):
+        return ""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_default_text(v) for v in value) + "]"
+    return str(value)

@@ -328,7 +328,7 @@ class JobSpec(_Section):
     hardware: HardwareSpec = HardwareSpec()
     """The machines the job runs on."""
     strategy: StrategyName = "auto"
-    """`auto` lets the planner choose; or force one of: """ + ", ".join(STRATEGIES)
+    """`auto` lets the planner choose the least-communication strategy that fits; or force one of the others."""
     output_dir: Path
     """The run directory: spec.yaml, plan.json, metrics.jsonl and checkpoints go here."""
 
