@@ -11,18 +11,16 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from launcher.errors import FTLError
-from launcher.job import deepspeed_json, prepare_run_dir
 from launcher.manage import add_commands as add_cluster_commands
-from launcher.memory import MemoryBreakdown
-from launcher.planner import HEADROOM, Plan, estimate, plan, request_from_spec
-from launcher.spec import JobSpec, load_spec
-from strategies.catalog import AUTO_ORDER
 
-if TYPE_CHECKING:  # torch's tracers are imported only when --measure asks for them
+# Each command imports what it uses (the spec's pydantic models, the planner, torch and transformers for a plan,
+# torch's tracers for --measure): `ftl --help` and `ftl --version` answer at once.
+if TYPE_CHECKING:
     from launcher.measure import MeasuredMemory
+    from launcher.planner import Plan
+    from launcher.spec import JobSpec
 
 console = Console(highlight=False, soft_wrap=True)  # no hard wraps: logs and paths stay greppable
 
@@ -87,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_job(args: argparse.Namespace) -> JobSpec:
+    from launcher.spec import load_spec
+
     overrides = list(args.overrides)
     for flag, key in (("gpus", "hardware.gpus_per_node"), ("nodes", "hardware.nodes"), ("gpu_mem", "hardware.gpu_mem")):
         if getattr(args, flag) is not None:
@@ -109,6 +109,7 @@ def make_job_plan(spec: JobSpec) -> Plan:
     from launcher.methods import check_supported
     from launcher.model_info import model_shape
     from launcher.modeling import count_trainable
+    from launcher.planner import plan, request_from_spec
 
     device = resolve_device(spec)
     job_plan = plan(request_from_spec(spec, model_shape(spec.model), device, count_trainable(spec)))
@@ -131,6 +132,8 @@ def job_command(spec: JobSpec, job_plan: Plan, rdzv_endpoint: str | None = None)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.job import deepspeed_json
+
     spec = load_job(args)
     job_plan = make_job_plan(spec)
     command = job_command(spec, job_plan)
@@ -222,6 +225,7 @@ def print_plan(job_plan: Plan, command: list[str], ds_config: dict | None = None
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cluster.local import job_env, run_local
+    from launcher.job import deepspeed_json, prepare_run_dir
 
     spec = load_job(args)
     device = resolve_device(spec)
@@ -302,6 +306,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
+    from launcher.spec import JobSpec
+
     if args.schema:
         print(json.dumps(JobSpec.model_json_schema(), indent=2))
         return 0
