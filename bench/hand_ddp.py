@@ -3,6 +3,7 @@ Same model config, data, batch and optimizer as configs/quickstart.yaml; no logg
 Usage: torchrun --nproc-per-node 2 bench/hand_ddp.py STEPS OUT.json"""
 
 import json
+from pathlib import Path
 import sys
 import time
 
@@ -27,7 +28,7 @@ def main() -> None:
     # Byte tokens (+3 like ByT5's offset) with an EOS of 1 after each text, packed into seq_len blocks.
     seq = job["train"]["seq_len"]
     flat = []
-    for line in open(job["data"]["train"]):
+    for line in open(Path("configs") / job["data"]["train"]):  # relative to the spec's folder, as ftl reads it
         flat += [b + 3 for b in json.loads(line)["text"].encode()] + [1]
     blocks = torch.tensor(flat[: len(flat) // seq * seq]).view(-1, seq)
     mb = job["train"]["micro_batch_size"]

@@ -2,6 +2,7 @@
 Usage: torchrun --nproc-per-node 2 bench/hf_trainer.py STEPS OUT.json"""
 
 import json
+from pathlib import Path
 import sys
 import time
 
@@ -36,7 +37,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
     seq = job["train"]["seq_len"]
     flat = []
-    for line in open(job["data"]["train"]):
+    for line in open(Path("configs") / job["data"]["train"]):  # relative to the spec's folder, as ftl reads it
         flat += [b + 3 for b in json.loads(line)["text"].encode()] + [1]
     blocks = torch.tensor(flat[: len(flat) // seq * seq]).view(-1, seq)
     args = TrainingArguments(

@@ -85,13 +85,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_job(args: argparse.Namespace) -> JobSpec:
-    from launcher.spec import load_spec
+    from launcher.spec import read_spec
 
     overrides = list(args.overrides)
     for flag, key in (("gpus", "hardware.gpus_per_node"), ("nodes", "hardware.nodes"), ("gpu_mem", "hardware.gpu_mem")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
-    return load_spec(args.job, overrides)
+    loaded = read_spec(args.job, overrides)
+    for notice in loaded.notices:  # on stderr: `ftl plan --json` keeps stdout one JSON object
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold]note:[/] {escape(notice)}")
+    return loaded.spec
 
 
 def resolve_device(spec: JobSpec) -> str:

@@ -17,12 +17,16 @@ class _Section(BaseModel):
 def _data_path(path: Path | None) -> Path | None:
     if path is None:
         return None
+    path = path.expanduser()
     if path.is_dir():
         if not (path / "dataset_info.json").is_file():
             raise ValueError(f"folder {str(path)!r} is not a dataset saved with `Dataset.save_to_disk` (no dataset_info.json)")
         return path.resolve()
     if not path.is_file():
-        raise ValueError(f"file {str(path)!r} does not exist (relative paths start at {Path.cwd()})")
+        # A spec file's relative paths arrive absolute (anchored at its folder, launcher/spec_load.py): a relative one
+        # here came from the command line.
+        where = "" if path.is_absolute() else f" (a relative path on the command line starts at the current directory, {Path.cwd()})"
+        raise ValueError(f"file {str(path)!r} does not exist{where}")
     if path.suffix not in {".jsonl", ".json", ".csv", ".parquet"}:
         raise ValueError(f"file {str(path)!r} has suffix {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
     return path.resolve()
@@ -146,6 +150,18 @@ class DataSpec(_Section):
     @classmethod
     def _exists(cls, path: Path | None) -> Path | None:
         return _data_path(path)
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser().resolve()  # written to: at the current directory
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_folder(cls, value: str) -> str:
+        if value in ("bytes", "auto") or not Path(value).expanduser().is_dir():
+            return value  # a folder that is not there is named when the tokenizer is built
+        return str(Path(value).expanduser().resolve())
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSpec":

@@ -15,7 +15,6 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_serializer,
     field_validator,
@@ -24,7 +23,6 @@ from pydantic import (
 
 from launcher.data_spec import DataFormat, DataSpec, EvalSetSpec, PhaseSpec, SourceSpec  # noqa: F401 (the spec tree's data section)
 from launcher.errors import FTLError
-from launcher.spec_errors import explain_validation_error
 
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload")
 StrategyName = Literal["auto", "ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload"]
@@ -59,11 +57,15 @@ class ModelSpec(_Section):
             )
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("`model.config` needs a `model_type` key (e.g. `model_type: llama`)")
-        if self.name_or_path is not None and not (Path(self.name_or_path) / "config.json").is_file():
-            raise ValueError(
-                f"`model.name_or_path` is {self.name_or_path!r}, which is not a folder holding config.json "
-                "(FTL reads models from local folders only; relative paths start at the current directory)"
-            )
+        if self.name_or_path is not None:
+            folder = Path(self.name_or_path).expanduser()
+            if not (folder / "config.json").is_file():
+                where = "" if folder.is_absolute() else f"; a relative path on the command line starts at the current directory, {Path.cwd()}"
+                raise ValueError(
+                    f"`model.name_or_path` is {self.name_or_path!r}, which is not a folder holding config.json "
+                    f"(FTL reads models from local folders only; a relative path in a spec file starts at the spec's folder{where})"
+                )
+            object.__setattr__(self, "name_or_path", str(folder.resolve()))  # the run dir's spec holds it absolute
         return self
 
 
@@ -261,7 +263,9 @@ class TrainSpec(_Section):
     def _warmup_fits(self) -> "TrainSpec":
         if self.warmup_steps >= self.max_steps:
             raise ValueError(
-                f"`train.warmup_steps` ({self.warmup_steps}) must be smaller than `train.max_steps` ({self.max_steps})"
+                f"`train.warmup_steps` ({self.warmup_steps}) must be smaller than `train.max_steps` ({self.max_steps}): lower "
+                "it or raise max_steps (a warmup from the spec file that does not fit is clamped to a tenth of the run; "
+                "one given on the command line is taken as meant)"
             )
         return self
 
@@ -335,7 +339,7 @@ class JobSpec(_Section):
     @field_validator("output_dir")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
-        return path.resolve()
+        return path.expanduser().resolve()  # relative: at the current directory (launcher/spec_load.py says why)
 
     @field_validator("task", mode="before")
     @classmethod
@@ -373,61 +377,6 @@ class JobSpec(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=3e-4` -> (["train", "lr"], 0.0003). The value is read as YAML, so lists and numbers work."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise FTLError(
-            f"Override {text!r} is not of the form `key.sub=value` (e.g. `train.lr=3e-4` or `hardware.gpus_per_node=8`)."
-        )
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise FTLError(f"Override {text!r}: the value {raw!r} is not valid YAML ({exc}).") from None
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node: Any = raw
-        for depth, part in enumerate(path):
-            if isinstance(node, list):  # a list entry by its index: `data.phases.1.replay=0`
-                if not part.isdigit() or int(part) >= len(node):
-                    raise FTLError(f"Override {text!r}: `{'.'.join(path[:depth])}` is a list of {len(node)}; give an index 0..{len(node) - 1}.")
-                part = int(part)
-            if depth == len(path) - 1:
-                node[part] = value
-                break
-            child = node[part] if isinstance(node, list) else node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif isinstance(child, str) and part == "task":  # `task: causal_lm` is short for {name: causal_lm}
-                child = node[part] = {"name": child}
-            elif not isinstance(child, (dict, list)):
-                raise FTLError(f"Override {text!r}: `{part}` holds a value, not a section, so it has no sub-keys.")
-            node = child
-    return raw
-
-
-def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read a YAML job spec, apply `key.sub=value` overrides, validate. Raises FTLError on any mistake."""
-    path = Path(path)
-    if not path.is_file():
-        raise FTLError(f"Job spec {str(path)!r} does not exist. Pass the path of a YAML file, e.g. configs/quickstart.yaml.")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise FTLError(f"Job spec {str(path)!r} is not valid YAML: {exc}. Fix the syntax at the line shown.") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise FTLError(f"Job spec {str(path)!r} must be a YAML mapping (model:, data:, train:, ...), not a {type(raw).__name__}.")
-    return spec_from_dict(apply_overrides(raw, list(overrides)), source=str(path))
-
-
-def spec_from_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
-    try:
-        return JobSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise FTLError(explain_validation_error(exc, source, JobSpec, raw)) from None
+# Reading a spec (YAML, anchored paths, overrides, notices) lives in launcher/spec_load.py; these names stay
+# importable from here, where the rest of FTL looks for them. Imported last: spec_load uses JobSpec.
+from launcher.spec_load import LoadedSpec, apply_overrides, load_spec, parse_override, read_spec, spec_from_dict  # noqa: E402,F401

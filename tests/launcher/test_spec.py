@@ -7,7 +7,7 @@ import pytest
 from launcher.cli import main
 from launcher.errors import FTLError
 from launcher.spec import load_spec
-from tests.conftest import run_ftl, tiny_spec, write_spec
+from tests.conftest import REPO, run_ftl, tiny_spec, write_spec
 
 # (what to change in a valid spec, or raw YAML text; extra CLI overrides; words the error must contain)
 BAD_SPECS = [
@@ -20,14 +20,14 @@ BAD_SPECS = [
     ("bad strategy", {"strategy": "zero4"}, [], ["`strategy`", "zero4"]),
     ("bad device", {"hardware": {"device": "tpu"}}, [], ["`hardware.device`", "tpu"]),
     ("bad gpu_mem", {"hardware": {"gpu_mem": "lots"}}, [], ["`hardware.gpu_mem`"]),
-    ("warmup too long", {"train": {"warmup_steps": 50}}, [], ["`train.warmup_steps`", "smaller than `train.max_steps`"]),
+    ("warmup too long", {}, ["train.warmup_steps=50"], ["`train.warmup_steps`", "smaller than `train.max_steps`"]),
     ("no model_type", {"model": {"config": {"hidden_size": 8}}}, [], ["`model`", "model_type"]),
     ("two model sources", {"model": {"name_or_path": "x"}}, [], ["exactly one of `model.name_or_path`"]),
     ("missing lr", None, [], ["`train.lr` is required"]),
     ("bad override form", {}, ["train.lr"], ["Override 'train.lr'", "key.sub=value"]),
     ("override unknown key", {}, ["train.lrate=1"], ["`train.lrate`", "Did you mean `train.lr`"]),
     ("override into a value", {}, ["train.lr.x=1"], ["`lr` holds a value"]),
-    ("bad data suffix", {"data": {"train": "README.md"}}, [], ["`data.train`", ".md"]),
+    ("bad data suffix", {"data": {"train": str(REPO / "README.md")}}, [], ["`data.train`", ".md"]),
 ]
 
 

@@ -88,3 +88,150 @@ def test_epochs_are_converted_to_steps_with_the_jobs_numbers(tmp_path):
 def test_a_setting_ftl_does_not_have_says_what_it_does_instead(tmp_path):
     message = _error(tmp_path, ["resume_from_checkpoint=true"])
     assert "FTL has no `resume_from_checkpoint`" in message and "--no-resume" in message
+
+
+# -- relative paths ------------------------------------------------------------------------------------
+def _job_folder(tmp_path):
+    """A job folder elsewhere: job.yaml beside its data and a local model folder, all named relatively."""
+    import shutil
+
+    folder = tmp_path / "jobs" / "mine"
+    (folder / "data").mkdir(parents=True)
+    (folder / "model").mkdir()
+    (folder / "model" / "config.json").write_text('{"model_type": "llama"}')
+    for name in ("quickstart.jsonl", "quickstart-val.jsonl"):
+        shutil.copy(REPO / "configs/data" / name, folder / "data" / name)
+    return folder
+
+
+def test_relative_input_paths_start_at_the_spec_folder_outputs_at_the_current_directory(tmp_path, monkeypatch):
+    folder = _job_folder(tmp_path)
+    spec = tiny_spec(
+        tmp_path,
+        model={"name_or_path": "model", "config": None},
+        data={"train": None, "phases": [{"name": "a", "steps": 10, "mixture": [{"path": "data/quickstart.jsonl"}]}],
+              "eval_sets": [{"name": "v", "path": "./data/quickstart-val.jsonl"}], "validation": "data/quickstart-val.jsonl",
+              "cache_dir": "cache"},
+        output_dir="runs/mine",
+    )
+    del spec["model"]["config"], spec["data"]["train"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_spec(write_spec(folder, spec))
+    assert loaded.model.name_or_path == str(folder / "model")
+    assert loaded.data.phases[0].mixture[0].path == folder / "data/quickstart.jsonl"
+    assert loaded.data.eval_sets[0].path == folder / "data/quickstart-val.jsonl"
+    assert loaded.data.validation == folder / "data/quickstart-val.jsonl"
+    assert loaded.output_dir == elsewhere / "runs/mine"  # written: where the command runs
+    assert loaded.data.cache_dir == elsewhere / "cache"
+
+
+def test_paths_on_the_command_line_start_at_the_current_directory(tmp_path, monkeypatch):
+    folder = _job_folder(tmp_path)
+    monkeypatch.chdir(folder / "data")
+    loaded = load_spec(write_spec(folder, tiny_spec(tmp_path)), ["data.train=quickstart-val.jsonl"])
+    assert loaded.data.train == folder / "data/quickstart-val.jsonl"
+    message = str(pytest.raises(FTLError, load_spec, write_spec(folder, tiny_spec(tmp_path)), ["data.train=nope.jsonl"]).value)
+    assert "`data.train`" in message and "current directory" in message and str(folder / "data") in message
+
+
+def test_a_missing_relative_file_is_named_at_the_spec_folder(tmp_path):
+    folder = _job_folder(tmp_path)
+    message = str(pytest.raises(FTLError, load_spec, write_spec(folder, tiny_spec(tmp_path, data={"train": "data/nope.jsonl"}))).value)
+    assert "`data.train`" in message and str(folder / "data/nope.jsonl") in message
+
+
+def test_the_run_dirs_spec_holds_every_path_absolute(tmp_path, monkeypatch):
+    folder = _job_folder(tmp_path)
+    spec = tiny_spec(tmp_path, model={"name_or_path": "model"}, data={"train": "data/quickstart.jsonl", "cache_dir": "c"})
+    del spec["model"]["config"]
+    loaded = load_spec(write_spec(folder, spec))
+    (tmp_path / "spec.yaml").write_text(loaded.to_yaml())
+    monkeypatch.chdir(tmp_path / "jobs")
+    assert load_spec(tmp_path / "spec.yaml") == loaded
+
+
+def test_every_path_field_is_either_read_or_written():
+    """READ_PATHS / WRITTEN_PATHS is the registry of where relative paths start: a new path field must join one."""
+    import typing
+    from pathlib import Path
+
+    from launcher.spec import JobSpec
+    from launcher.spec_errors import all_field_paths
+    from launcher.spec_load import READ_PATHS, WRITTEN_PATHS
+
+    def annotation(path: str):
+        from launcher.spec_errors import _section_model
+
+        model = JobSpec
+        *sections, name = path.split(".")
+        for part in sections:
+            model = _section_model(model.model_fields[part].annotation)
+        return model.model_fields[name].annotation
+
+    def is_path(ann) -> bool:
+        return ann is Path or any(is_path(a) for a in typing.get_args(ann))
+
+    path_fields = {p for p in all_field_paths(JobSpec) if is_path(annotation(p))}
+    listed = {p.replace(".*", "") for p in (*READ_PATHS, *WRITTEN_PATHS)}
+    assert path_fields <= listed, f"path fields missing from READ_PATHS/WRITTEN_PATHS: {path_fields - listed}"
+    assert {"model.name_or_path", "data.tokenizer"} <= listed  # folders given as strings
+
+
+def test_readme_configs_plan_from_another_directory(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", QUICKSTART, "--json"]) == 0
+    command = json.loads(capsys.readouterr().out)["command"]
+    assert command[command.index("--run-dir") + 1] == str(tmp_path / "runs/quickstart")
+    for name in ("multitask", "continual", "chat", "minilm-classify"):
+        assert load_spec(REPO / f"configs/{name}.yaml").output_dir == tmp_path / f"runs/{name}"
+
+
+# -- one source replaces the other ---------------------------------------------------------------------
+def test_an_override_of_one_model_source_replaces_the_other(tmp_path):
+    folder = _job_folder(tmp_path)
+    loaded = load_spec(QUICKSTART, [f"model.name_or_path={folder / 'model'}"])
+    assert loaded.model.config is None and loaded.model.name_or_path == str(folder / "model")
+    spec = tiny_spec(tmp_path, model={"name_or_path": "model"})
+    del spec["model"]["config"]
+    loaded = load_spec(write_spec(folder, spec), ["model.config={model_type: llama, hidden_size: 64}"])
+    assert loaded.model.name_or_path is None and loaded.model.config["hidden_size"] == 64
+
+
+def test_an_override_of_one_data_source_replaces_the_others():
+    loaded = load_spec(REPO / "configs/multitask.yaml", ["data.train=configs/data/quickstart.jsonl"])
+    assert loaded.data.mixture is None and loaded.data.train == REPO / "configs/data/quickstart.jsonl"
+
+
+def test_a_spec_file_giving_both_sources_is_still_a_mistake(tmp_path):
+    folder = _job_folder(tmp_path)
+    message = str(pytest.raises(FTLError, load_spec, write_spec(folder, tiny_spec(tmp_path, model={"name_or_path": "model"}))).value)
+    assert "exactly one of `model.name_or_path`" in message
+
+
+# -- warmup ---------------------------------------------------------------------------------------------
+def test_a_warmup_that_does_not_fit_a_short_run_is_clamped_with_a_notice():
+    from launcher.spec import read_spec
+
+    loaded = read_spec(QUICKSTART, ["train.max_steps=20"])
+    assert loaded.spec.train.warmup_steps == 2  # a tenth of the run
+    assert len(loaded.notices) == 1 and "`train.warmup_steps` (30)" in loaded.notices[0] and "clamped to 2" in loaded.notices[0]
+    assert read_spec(QUICKSTART, ["train.max_steps=5"]).spec.train.warmup_steps == 0
+    assert read_spec(QUICKSTART, ["train.max_steps=31"]).notices == ()  # it fits: untouched
+
+
+def test_a_warmup_given_on_the_command_line_is_taken_as_meant():
+    with pytest.raises(FTLError, match="`train.warmup_steps` \\(30\\) must be smaller than `train.max_steps` \\(20\\)"):
+        load_spec(QUICKSTART, ["train.max_steps=20", "train.warmup_steps=30"])
+
+
+def test_the_cli_prints_the_notice_on_stderr(capsys):
+    import json
+
+    assert main(["plan", QUICKSTART, "train.max_steps=20", "--json"]) == 0
+    out, err = capsys.readouterr()
+    json.loads(out)  # stdout stays one JSON object
+    assert "note:" in err and "clamped to 2" in err
