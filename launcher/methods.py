@@ -5,7 +5,9 @@ and on the real model in the train entry, so the plan counts exactly what will t
 - `full`: everything trains.
 - `lora` / `qlora`: PEFT LoRA adapters on a frozen base (4-bit for qlora: see launcher/modeling.py).
 - `prompt_tuning`: PEFT virtual prompt tokens; the whole model is frozen.
-- `freeze`: feature extraction (only the task head trains) or the embeddings + first N blocks frozen.
+- `freeze`: feature extraction (only the task head trains) or the embeddings + first N blocks frozen. A
+  head tied to the embeddings trains (and the embeddings with it) when only the head trains; with N blocks
+  it is frozen with the embeddings.
 - `gradual_unfreezing`: the head first, then one more block from the top every K steps.
 """
 
@@ -86,13 +88,6 @@ def check_method(spec: JobSpec, model: torch.nn.Module) -> None:
                 f"steps takes {needed} steps, but `train.max_steps` is {spec.train.max_steps}: the schedule is longer "
                 "than the run. Lower `every_steps`, set `max_blocks`, or raise `train.max_steps`."
             )
-    if method.name in ("freeze", "gradual_unfreezing") and spec.task.name == "causal_lm":
-        if getattr(model.config, "tie_word_embeddings", False):
-            raise FTLError(
-                f"`method.name: {method.name}` with `task: causal_lm` trains the LM head, but this model ties it to the "
-                "input embeddings (tie_word_embeddings), so the head cannot train while the embeddings stay frozen. "
-                "Use `task: classification` (a new head), `method.name: lora`, or a model with an untied head."
-            )
 
 
 def check_supported(method: str, strategy: str, device: str) -> None:
@@ -121,10 +116,18 @@ def apply_method(model: torch.nn.Module, spec: JobSpec) -> torch.nn.Module:
 
 
 def freeze_layers(model: torch.nn.Module, heads: list[str], blocks: int | str, embeddings: bool) -> None:
-    """`blocks="all"`: only the head trains. N: the first N blocks (and the embeddings if asked) freeze."""
+    """`blocks="all"`: only the head trains. N: the first N blocks (and the embeddings if asked) freeze.
+
+    A head tied to the input embeddings (tie_word_embeddings: one tensor, listed once, under the embedding's
+    name) is that tensor: with `blocks="all"` (feature extraction, gradual unfreezing's first stage) it trains,
+    as the head, so the input embeddings change with it — the only way a causal LM's head can train at all.
+    With N blocks it follows `embeddings`: frozen with them (the default; the top blocks and final norm train),
+    trained with them otherwise."""
     if blocks == "all":
-        for name, param in model.named_parameters():
-            param.requires_grad_(is_head_param(name, heads))
+        modules = dict(model.named_modules())
+        head_params = {id(p) for head in heads for p in modules[head].parameters()}  # by identity: tied ones too
+        for param in model.parameters():
+            param.requires_grad_(id(param) in head_params)
         return
     all_blocks = transformer_blocks(model)
     if blocks > len(all_blocks):

@@ -113,9 +113,11 @@ class PromptTuningSpec(_Section):
 class FreezeSpec(_Section):
     blocks: int | Literal["all"] = "all"
     """Transformer blocks frozen from the bottom: `all` is feature extraction (only the task head trains);
-    N freezes the embeddings and the first N blocks (transfer learning) and trains the rest."""
+    N freezes the embeddings and the first N blocks (transfer learning) and trains the rest. A causal LM head tied
+    to the input embeddings (tie_word_embeddings) is one tensor with them: with `all` it trains, and the input
+    embeddings with it; with N it follows `embeddings`."""
     embeddings: bool = True
-    """Freeze the input embeddings (and position embeddings) too."""
+    """Freeze the input embeddings (and position embeddings, and a head tied to them) too."""
 
 
 class GradualUnfreezingSpec(_Section):
@@ -280,6 +282,9 @@ class CheckpointSpec(_Section):
     training goes on; at most one save in flight. It becomes `latest` as soon as every rank has written it."""
     on_corrupt: Literal["error", "previous"] = "error"
     """When the checkpoint `latest` points to is damaged: stop with an error, or resume from the newest complete one."""
+    export_final: bool = True
+    """When the run finishes, also write its last checkpoint as a transformers/PEFT folder in `output_dir/final`
+    (what `ftl export` writes: the model, or the adapter for lora/qlora/prompt_tuning, with the tokenizer)."""
 
 
 class HardwareSpec(_Section):

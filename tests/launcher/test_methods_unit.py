@@ -28,7 +28,7 @@ TOPICS = {"train": str(REPO / "configs/data/topics.jsonl"), "validation": str(RE
         (dict(method={"name": "gradual_unfreezing", "gradual_unfreezing": {"every_steps": 5}}, task={"name": "classification", "num_labels": 2}), "longer than the run"),
         (dict(method={"name": "freeze", "lora": {"r": 4}}), "`method.lora` is given but `method.name` is 'freeze'"),
         (dict(method={"name": "prompt_tuning", "prompt_tuning": {"init": "text"}}), "needs `init_text`"),
-        (dict(method={"name": "freeze"}), "ties it to the input embeddings"),
+        (dict(method={"name": "freeze", "freeze": {"blocks": 9}}), "`method.freeze.blocks` is 9 but the model has 2 blocks"),
         (dict(method={"name": "lora", "lora": {"rr": 4}}), "Did you mean `method.lora.r`?"),
     ],
 )

@@ -235,3 +235,49 @@ def test_the_cli_prints_the_notice_on_stderr(capsys):
     out, err = capsys.readouterr()
     json.loads(out)  # stdout stays one JSON object
     assert "note:" in err and "clamped to 2" in err
+
+
+# -- every method of the README's table on the quickstart (a tied head) ----------------------------------
+def _trainable(overrides: list[str]) -> set[str]:
+    from launcher.modeling import build_model
+
+    model = build_model(load_spec(QUICKSTART, overrides), meta=True)
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_feature_extraction_on_a_tied_head_trains_the_shared_matrix():
+    """The quickstart ties lm_head to embed_tokens: training the head is training that one tensor."""
+    assert _trainable(["method.name=freeze"]) == {"model.embed_tokens.weight"}
+
+
+def test_freezing_n_blocks_keeps_a_tied_head_frozen_with_the_embeddings():
+    trainable = _trainable(["method.name=freeze", "method.freeze.blocks=2"])
+    assert "model.embed_tokens.weight" not in trainable
+    assert {n.split(".")[2] for n in trainable if n.startswith("model.layers.")} == {"2", "3"}
+    assert "model.norm.weight" in trainable
+    with_embeddings = _trainable(["method.name=freeze", "method.freeze.blocks=2", "method.freeze.embeddings=false"])
+    assert with_embeddings == trainable | {"model.embed_tokens.weight"}
+
+
+def test_gradual_unfreezing_starts_from_the_tied_head():
+    from launcher.methods import unfreeze_top_blocks
+    from launcher.model_info import transformer_blocks
+    from launcher.modeling import build_model
+
+    model = build_model(load_spec(QUICKSTART, ["method.name=gradual_unfreezing", "method.gradual_unfreezing.every_steps=50"]), meta=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"model.embed_tokens.weight"}
+    unfreeze_top_blocks(transformer_blocks(model), 1)
+    assert any(n.startswith("model.layers.3.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_gradual_unfreezing_without_its_required_key_names_it():
+    with pytest.raises(FTLError, match="needs `method.gradual_unfreezing.every_steps`"):
+        load_spec(QUICKSTART, ["method.name=gradual_unfreezing"])
+
+
+@pytest.mark.parametrize(
+    "extra", [["method.name=full"], ["method.name=lora"], ["method.name=qlora"], ["method.name=prompt_tuning"], ["method.name=freeze"],
+              ["method.name=gradual_unfreezing", "method.gradual_unfreezing.every_steps=50"]],
+)
+def test_every_method_plans_on_the_quickstart_with_only_its_name(extra, capsys):
+    assert main(["plan", QUICKSTART, "--json", *extra]) == 0, capsys.readouterr().err
