@@ -25,6 +25,7 @@ class TrainerState:
     scheduler: dict = field(default_factory=dict)  # the LR scheduler's state_dict
     rng: dict = field(default_factory=dict)  # capture_rng() of this rank
     evals: dict = field(default_factory=dict)  # eval sets' baseline, per-phase rows, watch alarms (launcher/continual.py)
+    lr_schedule: dict = field(default_factory=dict)  # the train.* settings the LR schedule was built from (resume says what changed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,7 +34,7 @@ class TrainerState:
     def from_dict(cls, data: dict) -> "TrainerState":
         # `phase` is absent from checkpoints written before phases existed: they had one.
         return cls(step=data["step"], phase=data.get("phase", 0), data=data["data"], scheduler=data["scheduler"], rng=data["rng"],
-                   evals=data.get("evals", {}))
+                   evals=data.get("evals", {}), lr_schedule=data.get("lr_schedule", {}))
 
 
 def capture_rng() -> dict:

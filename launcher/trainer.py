@@ -157,6 +157,7 @@ class Trainer:
         saved = TrainerState.from_dict(self.resume.trainer_state(self.env.rank))
         saved_world = self.resume.manifest["world_size"]
         self.scheduler.load_state_dict(saved.scheduler)
+        self.follow_spec_schedule(saved)
         if saved.phase == self.phase:  # else the checkpoint ended its phase: the next one starts afresh
             self.stream.load_state_dict(saved.data)  # global counters: the same on any world size
         self.evals.load_state_dict(saved.evals)
@@ -164,6 +165,25 @@ class Trainer:
             restore_rng(saved.rng)
         self.state = TrainerState(step=saved.step, phase=self.phase)
         self.log.log({"step": saved.step, "event": "resumed", "detail": f"resumed from {self.resume.path}"})
+
+    def follow_spec_schedule(self, saved: TrainerState) -> None:
+        """After a resume the LR follows this spec's schedule at every step, as a fresh run of it would: a changed
+        `train.max_steps` (or lr, warmup, min_lr_ratio) re-stretches it from the checkpoint on. The scheduler just
+        loaded holds the saved schedule's next LR; recompute it from this spec's lambdas and say what changed."""
+        sched = self.scheduler
+        saved_lrs = list(sched.get_last_lr())
+        sched.last_epoch -= 1
+        sched.step()  # this spec's LR for the next step, into the optimizer's groups and get_last_lr()
+        if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved_lrs, sched.get_last_lr())):
+            return
+        now = schedule_settings(self.spec)
+        changed = ", ".join(f"train.{k} {saved.lr_schedule[k]} -> {v}" for k, v in now.items() if saved.lr_schedule.get(k, v) != v)
+        detail = (
+            f"the LR schedule changed since the checkpoint ({changed or 'the checkpoint does not record its settings'}): from step {saved.step + 1} the LR "
+            f"follows this spec's schedule over {self.spec.train.max_steps} steps, lr {saved_lrs[0]:.4g} (saved schedule) -> "
+            f"{sched.get_last_lr()[0]:.4g}"
+        )
+        self.log.log({"step": saved.step, "event": "lr_schedule", "lr_saved": saved_lrs[0], "lr": sched.get_last_lr()[0], "detail": detail})
 
     def losses_by_source(self) -> dict[str, float]:
         """`loss/<source>`: each source's mean loss over the micro-batches since the last log line (mixtures)."""
@@ -344,6 +364,7 @@ class Trainer:
     def save(self, step: int, wait: bool = True) -> Path:
         self.state.data = self.stream.state_dict()
         self.state.scheduler = self.scheduler.state_dict()
+        self.state.lr_schedule = schedule_settings(self.spec)
         self.state.rng = capture_rng()
         self.state.evals = self.evals.state_dict()
         return self.checkpointer.save(step, self.state.to_dict(), wait=wait)
@@ -375,6 +396,11 @@ class Trainer:
         total = len(self.blocks)
         which = f"blocks {total - self.unfrozen}..{total - 1} + head" if self.unfrozen else "head only"
         self.log.log({"step": step, "event": "unfreeze", "detail": f"from step {step}: {which} ({trainable:,} trainable params)", "blocks_unfrozen": self.unfrozen})
+
+
+def schedule_settings(spec) -> dict:
+    """The `train` settings the LR schedule is built from (saved with each checkpoint)."""
+    return {k: getattr(spec.train, k) for k in ("max_steps", "warmup_steps", "lr", "min_lr_ratio")}
 
 
 def seed_everything(seed: int) -> None:
