@@ -14,6 +14,8 @@ from rich.markup import escape
 
 from launcher.errors import FTLError
 from launcher.manage import add_commands as add_cluster_commands
+from launcher.quiet import hide_library_warnings, quiet_libraries
+from launcher.rank_env import VERBOSE_ENV
 
 # Each command imports what it uses (the spec's pydantic models, the planner, torch and transformers for a plan,
 # torch's tracers for --measure): `ftl --help` and `ftl --version` answer at once.
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.verbose:  # for this process and the ranks it starts (launcher/rank_env.py)
+        os.environ[VERBOSE_ENV] = "1"
+    hide_library_warnings()
     try:
         return args.func(args)
     except FTLError as exc:
@@ -43,8 +48,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _PrintVersion(argparse.Action):
+    """`ftl --version`: the installed package's version, read only when asked (the metadata lookup costs
+    more than the rest of `ftl --help`)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: object) -> None:
+        from importlib.metadata import version
+
+        print(f"ftl {version('ftl')}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftl", description="FTL, the fine-tuning launcher.")
+    parser.add_argument("--version", action=_PrintVersion, nargs=0, help="print ftl's version and exit")
+    parser.add_argument(
+        "--verbose", action="store_true",
+        help="show the third-party warnings and notices FTL hides (launcher/quiet.py), here and in the ranks",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -300,7 +321,8 @@ def _check_devices(spec: JobSpec, device: str) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
-    info = export_run(args.run_dir.resolve(), args.to.resolve(), merge=args.merge)
+    with quiet_libraries():  # DCP, DeepSpeed's import and transformers' progress bars say nothing to act on
+        info = export_run(args.run_dir.resolve(), args.to.resolve(), merge=args.merge)
     console.print(
         f"exported {info['kind']} ({info['method']}) from {info['checkpoint']} to {args.to}; reloaded with "
         f"transformers{'/peft' if info['kind'] == 'adapter' else ''}: max logit difference {info['max_logit_diff']:.1e}"

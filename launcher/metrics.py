@@ -25,7 +25,8 @@ class MetricsLog:
             return
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.scalars = tensorboard_writer(run_dir / "tensorboard")
-        self.console = Console(soft_wrap=True)
+        # log_path=False: rich's `console.log` would end every line with a link to this file (metrics.py:63).
+        self.console = Console(soft_wrap=True, log_path=False)
         self.progress: Progress | None = None
         if self.console.is_terminal:
             self.progress = Progress(

@@ -72,7 +72,10 @@ def _shape_of(config: PretrainedConfig) -> ModelShape:
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    from launcher.quiet import quiet_libraries
+
+    # quiet: an encoder body sized as a causal LM (BERT) makes transformers say "add `is_decoder=True`".
+    with torch.device("meta"), quiet_libraries():
         model = AutoModelForCausalLM.from_config(config)
     params_total = sum(p.numel() for p in model.parameters())
     blocks = transformer_blocks(model)

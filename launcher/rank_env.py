@@ -34,3 +34,13 @@ class RankEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+# `ftl --verbose`: third-party warnings and notices are shown instead of hidden (launcher/quiet.py). The CLI
+# sets it in its own environment, which torchrun's ranks and an sbatch job inherit; Ray's runtime_env
+# forwards it (cluster/ray.py).
+VERBOSE_ENV = "FTL_VERBOSE"
+
+
+def verbose_requested(env: dict[str, str] | None = None) -> bool:
+    return (os.environ if env is None else env).get(VERBOSE_ENV) == "1"
