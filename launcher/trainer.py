@@ -156,8 +156,9 @@ class Trainer:
         self.strategy.load(self.resume.path)
         saved = TrainerState.from_dict(self.resume.trainer_state(self.env.rank))
         saved_world = self.resume.manifest["world_size"]
+        spec_base_lrs = list(self.scheduler.base_lrs)  # the state dict holds the saved run's peak LRs
         self.scheduler.load_state_dict(saved.scheduler)
-        self.follow_spec_schedule(saved)
+        self.follow_spec_schedule(saved, spec_base_lrs)
         if saved.phase == self.phase:  # else the checkpoint ended its phase: the next one starts afresh
             self.stream.load_state_dict(saved.data)  # global counters: the same on any world size
         self.evals.load_state_dict(saved.evals)
@@ -166,12 +167,13 @@ class Trainer:
         self.state = TrainerState(step=saved.step, phase=self.phase)
         self.log.log({"step": saved.step, "event": "resumed", "detail": f"resumed from {self.resume.path}"})
 
-    def follow_spec_schedule(self, saved: TrainerState) -> None:
+    def follow_spec_schedule(self, saved: TrainerState, spec_base_lrs: list[float]) -> None:
         """After a resume the LR follows this spec's schedule at every step, as a fresh run of it would: a changed
         `train.max_steps` (or lr, warmup, min_lr_ratio) re-stretches it from the checkpoint on. The scheduler just
-        loaded holds the saved schedule's next LR; recompute it from this spec's lambdas and say what changed."""
+        loaded holds the saved schedule's peaks and next LR; recompute them from this spec and say what changed."""
         sched = self.scheduler
         saved_lrs = list(sched.get_last_lr())
+        sched.base_lrs = spec_base_lrs
         sched.last_epoch -= 1
         sched.step()  # this spec's LR for the next step, into the optimizer's groups and get_last_lr()
         if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved_lrs, sched.get_last_lr())):
