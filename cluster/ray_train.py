@@ -233,6 +233,12 @@ def fit(run_dir: Path, max_failures: int, cpus_per_worker: float | None = None) 
         print(f"FTL on Ray: stopped on request ({result.detail}); resubmit to continue (exit {EXIT_PREEMPTED})", flush=True)
     if result.outcome is Outcome.ERROR:
         print(f"error: {result.detail}", file=sys.stderr, flush=True)
+    if result.exit_code == 0:
+        # Here, in the job's driver after the worker group is gone: the checkpoint is complete and one process
+        # reads it whatever the strategy (launcher/export.py), with no process group to share or tear down.
+        from launcher.export import write_final
+
+        write_final(run_dir, say=lambda line: print(f"FTL on Ray: {line}", flush=True))
     return result.exit_code
 
 

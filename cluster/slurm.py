@@ -195,6 +195,12 @@ def after(args: argparse.Namespace) -> int:
         "cause": cause, "exit_code": code, "step": reached, "decision": decision,
     })
     print(f"ftl: attempt ended: {cause} (exit {code}), checkpoint step {reached}; {decision}", flush=True)
+    if cause == "completed":
+        # Once per job, on the batch host, after every node's ranks have exited: the checkpoint is complete and
+        # one process reads it whatever the strategy (launcher/export.py).
+        from launcher.export import write_final
+
+        write_final(run_dir, say=lambda line: print(f"ftl: {line}", flush=True))
     if decision == "requeue":
         _slurm(["scontrol", "requeue", job_id])
         return EXIT_OK

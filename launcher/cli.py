@@ -262,8 +262,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
     console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
     console.print("[dim]" + escape(" ".join(command)) + "[/]")
-    code = run_local(command, env=job_env(device, dict(os.environ)))
-    return exit_code_of(code, spec.output_dir)
+    code = exit_code_of(run_local(command, env=job_env(device, dict(os.environ))), spec.output_dir)
+    if code == 0:
+        write_final_model(spec)
+    return code
+
+
+def write_final_model(spec: JobSpec) -> None:
+    """A finished run's model as a transformers/PEFT folder in RUN_DIR/final (launcher/export.py), written
+    here, after torchrun has exited: the last checkpoint is complete and one process reads it whatever the
+    strategy. On several nodes each runs `ftl run` and none knows it holds rank 0: `ftl export` instead."""
+    if not spec.checkpoint.export_final:
+        return
+    if spec.hardware.nodes > 1:
+        console.print(f"[dim]the final model of a multi-node `ftl run` is not exported by each node: run "
+                      f"`ftl export {escape(str(spec.output_dir))} --to {escape(str(spec.output_dir / 'final'))}` once[/]")
+        return
+    from launcher.export import write_final
+
+    write_final(spec.output_dir, say=lambda line: console.print(escape(line)))
 
 
 def preflight(spec: JobSpec, rdzv_endpoint: str | None = None) -> Plan:

@@ -8,16 +8,28 @@
 Runs in one process, no process group: DCP reads a sharded checkpoint of any world size into one
 model, and DeepSpeed's ZeRO files are consolidated with DeepSpeed's own zero_to_fp32.
 After writing, the export is loaded back and its logits compared with the model it came from.
+
+What a user's tools expect of the folder: the config's (and generation config's) bos/eos/pad ids are the
+tokenizer's, so `generate()` stops at the tokenizer's EOS; every file is readable as any file the user
+creates (transformers writes safetensors through a 0600 temporary file); the tokenizer is the one the run
+used, in files transformers 4.4x reads as well as 5.x: a tokenizer folder's own files, copied, or for
+`data.tokenizer: bytes` a four-key ByT5 tokenizer_config.json (5.x's save writes keys 4.x cannot read).
+
+`write_final` makes the same export of a finished run into RUN_DIR/final (`checkpoint.export_final`).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from transformers import PreTrainedTokenizerBase
 
 from launcher.checkpoint import find_resume_checkpoint
 from launcher.data import build_tokenizer
@@ -27,6 +39,8 @@ from launcher.spec import JobSpec, MethodSpec, load_spec
 from launcher.train_state import spec_fingerprint
 from strategies.catalog import traits
 from strategies.dcp_state import SafeFileSystemReader, state_dict_options
+
+FINAL_DIR = "final"  # RUN_DIR/final: the finished run's model, as `ftl export` writes it
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
@@ -42,9 +56,13 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
         raise FTLError(f"`--merge` merges LoRA adapters into the base; this run's method is {spec.method.name}.")
     if out.exists() and any(out.iterdir()):
         raise FTLError(f"The export folder {out} exists and is not empty; pass a new folder (nothing was written).")
+    return export_checkpoint(spec, run_dir, ckpt.path, ckpt.manifest["strategy"], out, merge)
 
+
+def export_checkpoint(spec: JobSpec, run_dir: Path, ckpt_path: Path, strategy: str, out: Path, merge: bool = False) -> dict:
+    """Write checkpoint `ckpt_path` of the run as a transformers/PEFT folder `out` (created; must be empty)."""
     label_names = read_label_names(run_dir)
-    model = load_trained_model(spec, ckpt.path, ckpt.manifest["strategy"], label_names)
+    model = load_trained_model(spec, ckpt_path, strategy, label_names)
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec)
@@ -60,16 +78,141 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
                 # The random base exactly as the run built it: same seed, same config, before the method.
                 torch.manual_seed(spec.train.seed)
                 base_config = task_config(spec, label_names, tokenizer.pad_token_id)
-                auto_class(spec).from_config(base_config, dtype=torch.float32).save_pretrained(base_dir)
+                base = auto_class(spec).from_config(base_config, dtype=torch.float32)
+                align_special_tokens(base, tokenizer)
+                base.save_pretrained(base_dir)
                 model.peft_config["default"].base_model_name_or_path = str(base_dir)
             else:
                 model.peft_config["default"].base_model_name_or_path = str(spec.model.name_or_path)
+    if kind == "model":
+        align_special_tokens(model, tokenizer)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)
     diff = check_reload(spec, model, out, kind, base_dir)
-    info = {"kind": kind, "method": spec.method.name, "checkpoint": str(ckpt.path), "max_logit_diff": diff}
+    check_tokenizer_reload(tokenizer, out)
+    info = {"kind": kind, "method": spec.method.name, "checkpoint": str(ckpt_path), "max_logit_diff": diff}
     (out / "ftl_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    make_readable(out)
     return info
+
+
+def align_special_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The config's and generation config's bos/eos/pad ids become the tokenizer's (an inline Llama config
+    carries LlamaConfig's bos 1 / eos 2, while the byte tokenizer's `</s>` is 1 and it has no bos: generate()
+    never stopped). An id list that already holds the tokenizer's (Llama 3's two EOS) is kept. Weights do not
+    change: a pad id only zeroes that embedding row's gradient in training."""
+    configs = [model.config, getattr(model, "generation_config", None)]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        wanted = getattr(tokenizer, name)
+        for config in configs:
+            if config is None:
+                continue
+            current = getattr(config, name, None)
+            if wanted not in (current if isinstance(current, list) else [current]):
+                setattr(config, name, wanted)
+    if getattr(model.config, "use_cache", None) is False:  # off for training (checkpointing); on for generate()
+        model.config.use_cache = True
+        if configs[1] is not None:
+            configs[1].use_cache = True
+
+
+# Files that make up a tokenizer folder, copied as they are (whatever version of transformers wrote them).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
+# `data.tokenizer: bytes` (ByT5Tokenizer(): 3 specials + 256 bytes + 125 extra ids = 384) in the keys both
+# transformers 4.4x and 5.x read. 5.x's save_pretrained writes `extra_special_tokens` as a list (4.52 expects
+# a dict: "Failed to load tokenizer" in LLaMA-Factory 0.9.3) and `"backend": "custom"`.
+BYTES_TOKENIZER_CONFIG = {
+    "tokenizer_class": "ByT5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": 125,
+}
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    from transformers import ByT5Tokenizer
+
+    source = Path(tokenizer.name_or_path) if tokenizer.name_or_path else None
+    if source is not None and source.is_dir():
+        copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+        for name in copied:
+            shutil.copyfile(source / name, out / name)
+        if copied:
+            return
+    if type(tokenizer) is ByT5Tokenizer and len(tokenizer) == 384:
+        (out / "tokenizer_config.json").write_text(json.dumps(BYTES_TOKENIZER_CONFIG, indent=2) + "\n")
+        return
+    tokenizer.save_pretrained(out)
+
+
+def check_tokenizer_reload(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """The exported tokenizer, loaded as a user would, encodes a probe as the run's did and has its special ids."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    probe = "FTL export check: héllo, wörld! 123\n"
+    same_ids = all(getattr(reloaded, n) == getattr(tokenizer, n) for n in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    if reloaded(probe)["input_ids"] != tokenizer(probe)["input_ids"] or len(reloaded) != len(tokenizer) or not same_ids:
+        raise FTLError(f"The tokenizer exported to {out} does not encode like the run's ({type(tokenizer).__name__}); please report this.")
+
+
+def make_readable(out: Path) -> None:
+    """Give every file and folder of the export the mode a new file of this user gets (0644 and 0755 under
+    the usual umask 022): transformers writes model.safetensors through a temporary file, which is 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [out, *out.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_final(run_dir: Path, say: Callable[[str], None] = print) -> Path | None:
+    """After a run ends (done or early-stopped, or found already complete): its last checkpoint as a
+    transformers/PEFT folder in RUN_DIR/final, unless `checkpoint.export_final` is off or the folder already
+    holds that checkpoint. Runs in the launching process after the ranks have exited (the checkpoint is
+    complete; no process group is needed to read a sharded one). A failure here does not fail the run
+    that succeeded: it is said, with the `ftl export` command that redoes it."""
+    from launcher.outcome import Outcome, read_outcome
+
+    result = read_outcome(run_dir)
+    if result is None or result.outcome not in (Outcome.DONE, Outcome.EARLY_STOPPED, Outcome.ALREADY_COMPLETE):
+        return None
+    final = run_dir / FINAL_DIR
+    try:
+        return _write_final(run_dir, final, say)
+    except Exception as exc:
+        shutil.rmtree(run_dir / f"{FINAL_DIR}.tmp", ignore_errors=True)
+        say(f"warning: the final model was not written to {final} ({type(exc).__name__}: {exc}); "
+            f"write it with `ftl export {run_dir} --to {final}`")
+        return None
+
+
+def _write_final(run_dir: Path, final: Path, say: Callable[[str], None]) -> Path | None:
+    spec = load_spec(run_dir / "spec.yaml")
+    if not spec.checkpoint.export_final:
+        return None
+    ckpt = find_resume_checkpoint(run_dir, spec_fingerprint(spec), fallback=False)
+    if ckpt is None:
+        return None
+    try:
+        if json.loads((final / "ftl_export.json").read_text())["checkpoint"] == str(ckpt.path):
+            return final  # already written for this checkpoint (a rerun that found the run complete)
+    except (OSError, ValueError, KeyError):
+        pass
+    # Written beside `final` and renamed, so `final` is always one whole export.
+    tmp = run_dir / f"{FINAL_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = export_checkpoint(spec, run_dir, ckpt.path, ckpt.manifest["strategy"], tmp)
+    if info["kind"] == "adapter" and (tmp / "base").is_dir():  # the adapter's base moves with the folder
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(final / "base")
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    say(f"final {info['kind']} ({info['method']}) of checkpoint {ckpt.path.name} written to {final}")
+    return final
 
 
 def read_label_names(run_dir: Path) -> list[str] | None:

@@ -285,6 +285,9 @@ class CheckpointSpec(_Section):
     export_final: bool = True
     """When the run finishes, also write its last checkpoint as a transformers/PEFT folder in `output_dir/final`
     (what `ftl export` writes: the model, or the adapter for lora/qlora/prompt_tuning, with the tokenizer)."""
+    export_final: bool = True
+    """When the run finishes, also write its last checkpoint as a transformers/PEFT folder in `output_dir/final`
+    (what `ftl export` writes: the model, or the adapter for lora/qlora/prompt_tuning, with the tokenizer)."""
 
 
 class HardwareSpec(_Section):

@@ -4,6 +4,8 @@ checkpoint reloads into a fresh model giving the same validation loss the run re
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -76,3 +78,77 @@ def test_rerun_resumes_and_finds_the_run_complete(quickstart_run):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "already complete at step 120" in again.stdout
     assert (out / "checkpoints" / "step-120").is_dir()
+
+
+def _expected_mode(directory: bool = False) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def test_finished_run_leaves_a_model_that_loads_and_generate_stops_at_eos(quickstart_run):
+    """RUN_DIR/final is what `ftl export` writes: transformers loads it at once, its special ids are the
+    tokenizer's (generate() stops at the byte tokenizer's `</s>`, id 1, not LlamaConfig's default 2), every
+    file is readable as any file the user makes (0644 under umask 022), and the tokenizer files use only
+    keys transformers 4.4x reads too (5.x's own save writes a list where 4.52 wants a dict)."""
+    from transformers import AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    out, result = quickstart_run
+    final = out / "final"
+    assert f"written to {final}" in result.stdout
+    assert sorted(p.name for p in final.iterdir()) == [
+        "config.json", "ftl_export.json", "generation_config.json", "model.safetensors", "tokenizer_config.json",
+    ]
+    assert stat.S_IMODE(final.stat().st_mode) == _expected_mode(directory=True)
+    for path in final.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == _expected_mode(), path
+    assert json.loads((final / "ftl_export.json").read_text())["checkpoint"].endswith("step-120")
+    assert set(json.loads((final / "tokenizer_config.json").read_text())) == {
+        "tokenizer_class", "eos_token", "pad_token", "unk_token", "extra_ids",
+    }
+
+    tokenizer = AutoTokenizer.from_pretrained(final, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True).eval()
+    assert tokenizer("abc")["input_ids"] == build_tokenizer(load_spec(out / "spec.yaml"))("abc")["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert eos == 1 and model.config.eos_token_id == model.generation_config.eos_token_id == eos
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id == 0
+    assert model.config.bos_token_id is None and tokenizer.bos_token_id is None
+
+    class EosAfter(LogitsProcessor):
+        """Makes the model emit EOS as its `n`-th new token: generate() must stop right there."""
+
+        def __init__(self, start: int, n: int) -> None:
+            self.start, self.n = start, n
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if input_ids.shape[1] - self.start == self.n - 1:
+                scores = torch.full_like(scores, float("-inf"))
+                scores[:, eos] = 0.0
+            return scores
+
+    prompt = tokenizer("The quick brown", return_tensors="pt", add_special_tokens=False)
+    start = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        forced = model.generate(**prompt, max_new_tokens=200, do_sample=False, logits_processor=LogitsProcessorList([EosAfter(start, 4)]))
+        free = model.generate(**prompt, max_new_tokens=200, do_sample=False)
+    assert forced.shape[1] == start + 4 and forced[0, -1].item() == eos
+    new = free[0, start:].tolist()
+    assert eos not in new[:-1]  # where the model emits EOS by itself, generation ends there too
+
+
+def test_ftl_export_writes_the_same_folder_and_export_final_can_be_turned_off(quickstart_run, tmp_path):
+    from launcher.export import export_run, write_final
+
+    out, _ = quickstart_run
+    export_run(out, tmp_path / "export")
+    for name in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        assert (tmp_path / "export" / name).read_text() == (out / "final" / name).read_text()
+    assert stat.S_IMODE((tmp_path / "export" / "model.safetensors").stat().st_mode) == _expected_mode()
+
+    off = tmp_path / "off"
+    off.mkdir()
+    (off / "outcome.json").write_text((out / "outcome.json").read_text())
+    (off / "spec.yaml").write_text((out / "spec.yaml").read_text().replace("export_final: true", "export_final: false"))
+    assert "export_final: false" in (off / "spec.yaml").read_text()
+    assert write_final(off) is None and not (off / "final").exists()
