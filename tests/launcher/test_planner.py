@@ -207,3 +207,22 @@ def test_qlora_gathers_packed_blocks_and_keeps_its_constants_whole():
     constants = NF4_CONSTANT_BYTES_PER_PARAM * SHAPES["70b"].block_linear_params * SHAPES["70b"].num_layers
     root = 2 * SHAPES["70b"].params_embedding
     assert per_rank_memory("fsdp2", qlora("70b").memory_inputs, 4096).params > constants + root
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload"])
+@pytest.mark.parametrize("size,changes", [("8b", {}), ("70b", {}), ("1b", {"seq_len": 512, "micro_batch_size": 8}),
+                                          ("8b", {"method": "lora", "params_trainable": 20_000_000, "lora_rank": 16})])
+def test_the_peak_moment_is_itemised_and_its_parts_add_up_to_the_total(strategy, size, changes):
+    """`ftl plan`'s table lists `at_peak`: its parts plus the overhead are the total, to the byte, and they
+    survive the plan's JSON round trip (plan.json, read by every rank)."""
+    import json
+
+    from launcher.planner import Plan
+
+    p = plan(request(size, strategy=strategy, **changes))
+    m = p.per_rank
+    assert m.at_peak.total + m.overhead == m.total
+    assert m.at_peak.total == max(m.backward_peak, m.backward_end_peak, m.step_peak)
+    assert m.temporaries == m.at_peak.temporaries
+    again = Plan.from_dict(json.loads(json.dumps(p.to_dict())))
+    assert again == p
