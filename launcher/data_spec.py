@@ -98,7 +98,9 @@ class EvalSetSpec(_Section):
 
 class DataSpec(_Section):
     train: Path | None = None
-    """Training file (or saved dataset folder), read through HF `datasets`. Give it, `mixture` or `phases`."""
+    """Training file (or saved dataset folder), read through HF `datasets`. Give it, `mixture` or `phases`. A
+    relative path in a spec file starts at the spec's folder (every data path does); on the command line, at the
+    current directory."""
     mixture: list[SourceSpec] | None = None
     """Several training sources with weights: each example is drawn from the source furthest behind its
     weight's share (exact in every prefix of the stream); a source that runs out starts a new seeded pass."""

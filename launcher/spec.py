@@ -296,9 +296,9 @@ class HardwareSpec(_Section):
     gpus_per_node: int = Field(1, gt=0)
     """GPUs (on CPU: processes) per machine."""
     gpu_mem: ByteSize = Field(ByteSize(80 * 10**9), gt=0)
-    """Memory of one GPU (or, on CPU, the budget of one process), e.g. `80GB`, `24GiB`."""
+    """Memory of one GPU (or, on CPU, the budget of one process), with a unit: `80GB` (decimal), `24GiB` (binary)."""
     cpu_mem: ByteSize = Field(ByteSize(10**12), gt=0)
-    """Host memory per machine, used when states are offloaded to the CPU, e.g. `1TB`."""
+    """Host memory per machine, used when states are offloaded to the CPU, with a unit, e.g. `1TB`."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when this machine has it, else the CPU (gloo)."""
 
@@ -342,7 +342,8 @@ class JobSpec(_Section):
     strategy: StrategyName = "auto"
     """`auto` lets the planner choose the least-communication strategy that fits; or force one of the others."""
     output_dir: Path
-    """The run directory: spec.yaml, plan.json, metrics.jsonl and checkpoints go here."""
+    """The run directory: spec.yaml, plan.json, metrics.jsonl and checkpoints go here. Relative: from the current
+    directory (inputs in a spec file are relative to its folder; what a run writes lands where you run it)."""
 
     @field_validator("output_dir")
     @classmethod
