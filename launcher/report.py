@@ -2,7 +2,7 @@
 
 Rendering only: every number comes from the Plan (launcher/planner.py) and every word about a field from
 its docstring (launcher/spec.py, launcher/data_spec.py). Both fit a 100-column terminal: the table's
-values carry no unit (the title says it), and prose wraps at words, while the command stays one line to
+values carry no unit (the line above says it), and prose wraps at words, while the command stays one line to
 copy.
 """
 
@@ -30,7 +30,9 @@ PEAK_ROWS = (
     ("parameters", "params"), ("gradients", "grads"), ("optimizer", "optimizer"), ("activations", "activations"),
     ("logits", "logits"), ("temporaries", "temporaries"),
 )
-MOMENT_SHORT = {"backward": "backward", "end of backward": "bwd end", "optimizer step": "opt step"}
+# Short enough that the 70B table fits 80 columns too; the caption spells them out.
+MOMENT_SHORT = {"backward": "bwd", "end of backward": "bwd end", "optimizer step": "step"}
+MOMENT_LEGEND = "peak at: bwd = during backward, bwd end = end of backward, step = optimizer step"
 
 
 def print_plan(console: Console, job_plan: Plan, command: list[str], ds_config: dict | None = None) -> None:
@@ -45,7 +47,10 @@ def print_plan(console: Console, job_plan: Plan, command: list[str], ds_config: 
         f"{gib(r.gpu_mem_bytes)} each, {r.precision}; micro-batch {r.micro_batch_size} x {r.seq_len} tokens, "
         f"activation checkpointing {'on' if r.activation_checkpointing else 'off'}"
     )
-    console.print(plan_table(job_plan))
+    title, table, legend = plan_table(job_plan)
+    say(title)
+    console.print(table)
+    say(f"[dim]{legend}[/]")
     say(headline(job_plan))
     for strategy, why in job_plan.rejected:
         say(f"  rejected {strategy}: {escape(why)}")
@@ -72,10 +77,10 @@ def headline(job_plan: Plan) -> str:
     return f"[bold red]does not fit[/] with any strategy: {reason}"
 
 
-def plan_table(job_plan: Plan) -> Table:
+def plan_table(job_plan: Plan) -> tuple[str, Table, str]:
     """Per-rank device memory of every strategy at its own peak moment, whose parts (rows) add up to the
     total; host memory of the offloading strategies below it. The plan's strategy is starred when it fits
-    or was forced."""
+    or was forced. Returned with the title and legend printed above and below it."""
     r = job_plan.request
     shown = list(AUTO_ORDER) if job_plan.strategy in AUTO_ORDER else [*AUTO_ORDER, job_plan.strategy]
     estimates = {s: estimate(r, s) for s in shown}
@@ -87,12 +92,8 @@ def plan_table(job_plan: Plan) -> Table:
     def cell(n: int) -> str:
         return f"{n / scale:,.1f}"
 
-    table = Table(
-        title=f"per-rank memory in {unit} at each strategy's peak (budget {int(HEADROOM * 100)}% of "
-        f"{gib(r.gpu_mem_bytes)} = {gib(job_plan.budget_bytes)})",
-        caption=(f"* {'the chosen' if r.strategy == 'auto' else 'the forced'} strategy" if starred else None),
-        box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title_justify="left", caption_justify="left",
-    )
+    # Title and legend are printed as prose around the table: rich widens a table to its title's length.
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))  # 2 spaces between columns
     table.add_column("")
     for name in shown:
         chosen = name == starred
@@ -104,7 +105,10 @@ def plan_table(job_plan: Plan) -> Table:
     table.add_row("total", *(cell(memory[s].total) for s in shown), end_section=True)
     table.add_row("host/node", *(cell(memory[s].host * r.gpus_per_node) if memory[s].host else "-" for s in shown))
     table.add_row("fits", *("yes" if fits[s] else "no" for s in shown))
-    return table
+    title = (f"[bold]per-rank memory[/] in {unit} at each strategy's peak (budget {int(HEADROOM * 100)}% of "
+             f"{gib(r.gpu_mem_bytes)} = {gib(job_plan.budget_bytes)})")
+    legend = MOMENT_LEGEND + (f"; * {'the chosen' if r.strategy == 'auto' else 'the forced'} strategy" if starred else "")
+    return title, table, legend
 
 
 def _prose(console: Console):
