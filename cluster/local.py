@@ -1,6 +1,8 @@
 """Run a job on this machine through torchrun (`torch.distributed.run`), forwarding signals.
 
-`torchrun_argv` only renders the command (pure; shown by `ftl plan`); `run_local` executes it.
+`torchrun_argv` only renders the command (pure; shown by `ftl plan`); `run_local` executes it. The
+command is torchrun's own, started through cluster/torchrun.py, which only drops torchrun's failure
+report when the ranks have already explained the exit (a user error, a pre-emption).
 
 Signals: torchrun forwards to its workers only the signals named in `--signals-to-handle` (default
 SIGTERM, SIGINT, SIGHUP, SIGQUIT); any other one it does not handle kills torchrun itself and leaves
@@ -33,7 +35,7 @@ def torchrun_argv(
 ) -> list[str]:
     """The exact command `ftl run` executes. One node: `--standalone` (torchrun picks a free port).
     Several nodes: the same command on each machine, meeting at a c10d rendezvous endpoint."""
-    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc_per_node)]
+    argv = [python, "-m", "cluster.torchrun", "--nproc-per-node", str(nproc_per_node)]
     if nnodes == 1:
         argv.append("--standalone")
     else:
@@ -48,6 +50,8 @@ def job_env(device: str, base: dict[str, str]) -> dict[str, str]:
     """The environment the ranks get: `base` plus what makes the device choice explicit to libraries.
     DeepSpeed otherwise probes for accelerators itself; on a CPU job it must pick its CPU accelerator."""
     env = dict(base)
+    # torchrun sets 1 itself (and prints a banner saying so) when it is unset; the same value, quietly.
+    env.setdefault("OMP_NUM_THREADS", "1")
     if device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env["GLIBC_TUNABLES"] = with_tunable(env.get("GLIBC_TUNABLES", ""), *NON_TEMPORAL_THRESHOLD)

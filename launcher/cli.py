@@ -160,6 +160,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     spec = load_job(args)
     job_plan = make_job_plan(spec)
+    if not args.json:
+        check_before_ranks(spec, job_plan, data=False)  # data files are checked by `ftl run` (it tokenizes them)
     command = job_command(spec, job_plan)
     ds_config = deepspeed_json(spec, job_plan)
     measured = measure_plan(spec, job_plan) if args.measure else None
@@ -301,7 +303,17 @@ def preflight(spec: JobSpec, rdzv_endpoint: str | None = None) -> Plan:
             "node with `--rdzv-endpoint HOST:PORT` (HOST is the first node), or use `ftl submit --to slurm`."
         )
     check_available(job_plan.strategy)
+    check_before_ranks(spec, job_plan)
     return job_plan
+
+
+def check_before_ranks(spec: JobSpec, job_plan: Plan, data: bool = True) -> None:
+    """launcher/preflight.py: the run dir, the model's positions and (with `data`) every data file, checked
+    here so a mistake is one paragraph before any rank starts."""
+    from launcher.preflight import run_checks
+
+    for warning in run_checks(spec, job_plan.request.world_size, lambda line: console.print(f"[dim]{escape(line)}[/]"), data=data):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}")
 
 
 def exit_code_of(torchrun_code: int, run_dir: Path) -> int:

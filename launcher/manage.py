@@ -265,7 +265,7 @@ def cluster_spec(spec):
 
 def cluster_plan(spec):
     """The plan, refused here if it does not fit or its library is missing (before anything is written)."""
-    from launcher.cli import job_command, make_job_plan, print_plan
+    from launcher.cli import check_before_ranks, job_command, make_job_plan, print_plan
     from strategies.registry import check_available
 
     job_plan = make_job_plan(spec)
@@ -273,6 +273,7 @@ def cluster_plan(spec):
         print_plan(job_plan, job_command(spec, job_plan))
         raise FTLError(f"The job does not fit: {job_plan.reason} See `what would fit` above.")
     check_available(job_plan.strategy)
+    check_before_ranks(spec, job_plan)
     return job_plan
 
 

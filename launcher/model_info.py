@@ -52,16 +52,30 @@ class ModelShape:
 
 def build_config(spec: ModelSpec) -> PretrainedConfig:
     """The HF config of the job's model, from the inline `model.config` or the local folder."""
+    import json
+    from pathlib import Path
+
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    from launcher.model_checks import check_config, check_given_values, construction_error
+
+    where = "model.config" if spec.config is not None else f"{spec.name_or_path}/config.json"
     try:
         if spec.config is not None:
-            fields = dict(spec.config)
-            return AutoConfig.for_model(fields.pop("model_type"), **fields)
-        return AutoConfig.from_pretrained(spec.name_or_path, local_files_only=True)
+            given = dict(spec.config)
+            check_given_values(given, where)
+            config = AutoConfig.for_model(given.pop("model_type"), **given)
+        else:
+            config = AutoConfig.from_pretrained(spec.name_or_path, local_files_only=True)
+            given = json.loads((Path(spec.name_or_path) / "config.json").read_text())
+    except StrictDataclassError as exc:  # transformers 5 validates fields and their relations
+        raise construction_error(exc, where) from None
     except (ValueError, KeyError, TypeError, OSError) as exc:
         where = "`model.config`" if spec.config is not None else f"`model.name_or_path` ({spec.name_or_path})"
         raise FTLError(f"Cannot build the model config from {where}: {exc}. Check model_type and field names.") from None
+    check_config(config, given, where)
+    return config
 
 
 def model_shape(spec: ModelSpec) -> ModelShape:

@@ -94,20 +94,50 @@ def read_rows(path: Path, work: Path) -> datasets.Dataset:
     """A data file (or a folder written by `Dataset.save_to_disk`) as a datasets table, its Arrow conversion
     in `work` (this build's own folder: datasets' shared cache keys local files by path and mtime, so a
     file replaced with the same mtime would come back stale)."""
+    check_not_empty(path)
     try:
         if path.is_dir():
             table = datasets.load_from_disk(str(path))
         else:
-            table = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", cache_dir=str(work / "raw"))
+            quiet = datasets.logging.get_verbosity()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own log line of a parse error repeats ours
+            try:
+                table = datasets.load_dataset(READERS[path.suffix], data_files=str(path), split="train", cache_dir=str(work / "raw"))
+            finally:
+                datasets.logging.set_verbosity(quiet)
     except Exception as exc:  # datasets raises many types for a malformed file; all mean "fix the file"
-        raise FTLError(f"Cannot read data file {path}: {str(exc).strip() or type(exc).__name__}. Check that it is valid {path.suffix[1:] or 'dataset'}.") from None
+        raise FTLError(f"Cannot read data file {path}: {first_bad_line(path) or str(exc).strip() or type(exc).__name__}. Check that it is valid {path.suffix[1:] or 'dataset'}.") from None
     if len(table) == 0:
         raise FTLError(f"Data file {path} has no rows. Point `data` at a file with examples in it.")
     return table
 
 
+def first_bad_line(path: Path) -> str | None:
+    """Where a JSON Lines file stops parsing, as `line N: reason` (datasets' own error names a row of its
+    internal chunks, not a line of the file), or None for other formats or when every line parses."""
+    if path.is_dir() or path.suffix != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                return f"line {number}: {exc}"
+            if not isinstance(row, dict):
+                return f"line {number}: a JSON {type(row).__name__}, not an object with fields"
+    return None
+
+
+def check_not_empty(path: Path) -> None:
+    if path.is_file() and not path.read_bytes()[:65536].strip() and path.stat().st_size < 65536:
+        raise FTLError(f"Data file {path} is empty. Point `data` at a file with examples in it (or fill it).")
+
+
 def columns_of(path: Path) -> list[str]:
     """A data file's column names, from its first row or schema (not a parse of the whole file)."""
+    check_not_empty(path)
     try:
         if path.is_dir():
             return datasets.load_from_disk(str(path)).column_names
@@ -126,7 +156,7 @@ def columns_of(path: Path) -> list[str]:
             else:
                 first = json.loads(next((line for line in f if line.strip()), "{}"))
     except (OSError, ValueError, StopIteration) as exc:
-        raise FTLError(f"Cannot read data file {path}: {exc}. Check that it is valid {path.suffix[1:]}.") from None
+        raise FTLError(f"Cannot read data file {path}: {first_bad_line(path) or exc}. Check that it is valid {path.suffix[1:]}.") from None
     return list(first) if isinstance(first, dict) else []
 
 

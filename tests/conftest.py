@@ -135,4 +135,4 @@ def rank_processes(proc: subprocess.Popen) -> list:
     import psutil
 
     cmdlines = [(p, " ".join(p.cmdline())) for p in psutil.Process(proc.pid).children(recursive=True)]
-    return [p for p, cmd in cmdlines if "launcher.train" in cmd and "torch.distributed.run" not in cmd]
+    return [p for p, cmd in cmdlines if "launcher.train" in cmd and "torch.distributed.run" not in cmd and "cluster.torchrun" not in cmd]

@@ -31,7 +31,7 @@ def test_plan_json_for_8b(capsys):
     assert plan["fits"] is True
     assert {"params", "grads", "optimizer", "activations", "logits", "overhead", "total"} <= plan["per_rank_bytes"].keys()
     assert plan["rejected"][0]["strategy"] == "ddp"
-    assert plan["command"][1:4] == ["-m", "torch.distributed.run", "--nproc-per-node"]
+    assert plan["command"][1:4] == ["-m", "cluster.torchrun", "--nproc-per-node"]
     assert plan["command"][4] == "8"
 
 

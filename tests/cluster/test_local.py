@@ -21,7 +21,7 @@ LD_SO = "/lib64/ld-linux-x86-64.so.2"
 def test_single_node_command_is_standalone():
     argv = torchrun_argv(Path("/runs/x"), nproc_per_node=2, shutdown_timeout_s=300, python="python")
     assert argv == [
-        "python", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        "python", "-m", "cluster.torchrun", "--nproc-per-node", "2", "--standalone",
         "--signals-to-handle", "SIGTERM,SIGINT,SIGUSR2,SIGHUP,SIGQUIT", "--shutdown-timeout", "300",
         "--max-restarts", "0", "-m", "launcher.train", "--run-dir", "/runs/x",
     ]
@@ -61,7 +61,8 @@ def test_sigterm_reaches_the_job():
 
 
 def test_cpu_ranks_get_the_copy_tunable_without_losing_the_users():
-    assert job_env("cuda", {"PATH": "/bin"}) == {"PATH": "/bin"}
+    assert job_env("cuda", {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}  # what torchrun sets, without its banner
+    assert job_env("cuda", {"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
     env = job_env("cpu", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.cpu.x86_non_temporal_threshold=0x100000"
     assert env["DS_ACCELERATOR"] == "cpu"

@@ -21,7 +21,7 @@ import pytest
 
 from cluster.ray import read_ledger, submission_id
 from tests.cluster.ray_fixture import LocalRay
-from tests.conftest import logged_losses, metric_records, run_ftl, tiny_spec, wait_until, write_spec
+from tests.conftest import REPO, logged_losses, metric_records, run_ftl, tiny_spec, wait_until, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -215,13 +215,14 @@ def test_mistakes_are_refused_before_anything_is_written(tmp_path: Path, local_r
 
 
 def test_a_mistake_found_by_the_ranks_ends_the_job_with_exit_2(tmp_path: Path, local_ray: LocalRay) -> None:
-    """A mistake only the ranks find (an empty data file): every rank stops before training, the group ends
-    at once (no collective timeout), the restart Ray makes finds the error in outcome.json and returns
-    instead of failing the same way again, and the job exits 2 with the paragraph."""
+    """A mistake only the ranks find (the data file emptied after `ftl submit` checked it): every rank stops
+    before training, the group ends at once (no collective timeout), the restart Ray makes finds the error
+    in outcome.json and returns instead of failing the same way again, and the job exits 2 with the paragraph."""
     empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
+    empty.write_text((REPO / "configs/data/quickstart.jsonl").read_text())
     job = ray_job(tmp_path, "nodata", max_steps=5, every=0, data={"train": str(empty)})
     run_dir = submit(job, local_ray, "--max-failures", "1")
+    empty.write_text("")  # the ranks start seconds later: they read it empty
     assert wait_ended(local_ray, run_dir, timeout_s=180) == "FAILED"
     logs = job_logs(local_ray, run_dir)
     assert "error: " in logs and "empty.jsonl" in logs, logs[-3000:]

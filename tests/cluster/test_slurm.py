@@ -125,7 +125,7 @@ def _rank_pids(run_dir: Path) -> list[int]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"torch.distributed.run" not in cmdline:
+        if b"torch.distributed.run" not in cmdline and b"cluster.torchrun" not in cmdline:
             ranks.append(int(pid))
     return ranks
 
