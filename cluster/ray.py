@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cluster import ledger
 from launcher.errors import FTLError
+from launcher.rank_env import VERBOSE_ENV, verbose_requested
 
 LEDGER_FILE = "ray-ledger.jsonl"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -109,6 +110,8 @@ def runtime_env(run_dir: Path, options: RayOptions) -> dict:
     entrypoint needs. Nothing from this machine's environment is forwarded: a runtime_env is shown in
     the dashboard and its logs, so no secrets go in it."""
     env: dict = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if verbose_requested():  # `ftl --verbose submit --to ray`: the job's ranks show third-party notices too
+        env["env_vars"][VERBOSE_ENV] = "1"
     if options.working_dir is not None:
         env["working_dir"] = str(options.working_dir.resolve())
         env["excludes"] = list(upload_excludes(options.working_dir, run_dir))

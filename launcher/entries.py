@@ -21,7 +21,9 @@ from launcher.errors import FTLError
 from launcher.job import RankJob
 from launcher.outcome import EXIT_USER_ERROR, Outcome, Result, write_outcome
 from launcher.planner import replan_for_world
+from launcher.quiet import hide_library_warnings
 from launcher.rank_env import RankEnv
+from launcher.rank_log import rank_log_header, rank_log_path, tee_output
 from launcher.runtime import RankRuntime, resolve_device
 from launcher.stop import SignalStop, StopSource
 from launcher.trainer import Trainer
@@ -38,6 +40,12 @@ def run_rank(
     it. Leaves a process group it did not create alive (and destroys the ones it did)."""
     job = RankJob.read(run_dir)
     env = env or RankEnv.from_env()
+    hide_library_warnings()
+    with tee_output(rank_log_path(job.run_dir, env.rank), rank_log_header(env.rank, env.world_size)):  # RUN_DIR/logs/rank-N.log
+        return _run_job(job, env, stop, before_publish, after_publish)
+
+
+def _run_job(job: RankJob, env: RankEnv, stop: StopSource, before_publish: Callable | None, after_publish: Callable | None) -> Result:
     try:
         device, plan = plan_for_world(job, env)  # before anything is written
     except FTLError as exc:

@@ -80,6 +80,18 @@ def test_rerun_resumes_and_finds_the_run_complete(quickstart_run):
     assert (out / "checkpoints" / "step-120").is_dir()
 
 
+def test_each_rank_leaves_its_output_in_the_run_dir(quickstart_run):
+    """RUN_DIR/logs/rank-N.log: what each rank wrote, still there when the terminal is gone; each start
+    of the rank opens its part with a header (a rerun appends)."""
+    out, result = quickstart_run
+    logs = {path.name: path.read_text() for path in (out / "logs").iterdir()}
+    assert sorted(logs) == ["rank-0.log", "rank-1.log"]
+    for rank in (0, 1):
+        assert logs[f"rank-{rank}.log"].startswith(f"FTL rank {rank} of 2 on "), logs[f"rank-{rank}.log"][:200]
+    last = next(line for line in result.stdout.splitlines() if line.startswith("step=120  loss="))
+    assert last in logs["rank-0.log"].splitlines()  # the same line the terminal showed
+
+
 def _expected_mode(directory: bool = False) -> int:
     umask = os.umask(0)
     os.umask(umask)
