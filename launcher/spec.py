@@ -22,7 +22,6 @@ from pydantic import (
 )
 
 from launcher.data_spec import DataFormat, DataSpec, EvalSetSpec, PhaseSpec, SourceSpec  # noqa: F401 (the spec tree's data section)
-from launcher.errors import FTLError
 
 STRATEGIES = ("ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload")
 StrategyName = Literal["auto", "ddp", "zero1", "zero2", "fsdp2", "zero3", "zero3_offload", "fsdp2_offload"]
