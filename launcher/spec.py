@@ -304,8 +304,12 @@ class HardwareSpec(_Section):
     @field_validator("gpu_mem", "cpu_mem", mode="before")
     @classmethod
     def _unit_given(cls, value: Any, info: ValidationInfo) -> Any:
-        # A bare number would be read as bytes (`80` -> 80 B) and planned into nonsense: a unit is required.
+        # A bare number would be read as bytes (`80` -> 80 B) and planned into nonsense: a unit is required. A bare
+        # integer of a MiB or more can only be a byte count, and is taken as one: run dirs written before units were
+        # required hold `gpu_mem: 8000000000`, and must still resume and export.
         text = str(value).strip()
+        if isinstance(value, int) and not isinstance(value, bool) and value >= BARE_BYTES_MIN:
+            return value
         if isinstance(value, (int, float)) and not isinstance(value, bool) or text.replace(".", "", 1).isdigit():
             flag = f" (on the command line: `--gpu-mem {text}GB`)" if info.field_name == "gpu_mem" else ""
             raise ValueError(

@@ -40,6 +40,13 @@ def test_sizes_with_units(tmp_path, text, size):
     assert load_spec(write_spec(tmp_path, tiny_spec(tmp_path)), [f"hardware.gpu_mem={text}"]).hardware.gpu_mem == size
 
 
+def test_a_bare_byte_count_is_still_read(tmp_path):
+    """Run dirs written before units were required hold bytes as a bare integer: they still resume and export."""
+    spec = tiny_spec(tmp_path, hardware={"gpu_mem": 8 * 10**9, "cpu_mem": 10**12})
+    loaded = load_spec(write_spec(tmp_path, spec))
+    assert (loaded.hardware.gpu_mem, loaded.hardware.cpu_mem) == (8 * 10**9, 10**12)
+
+
 def test_sizes_round_trip_through_the_run_dirs_spec(tmp_path):
     """The run dir's spec.yaml is read back by every rank: sizes are written with a unit, exactly."""
     spec = load_spec(write_spec(tmp_path, tiny_spec(tmp_path)), ["hardware.gpu_mem=24GiB", "hardware.cpu_mem=1234567B"])
