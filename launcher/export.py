@@ -79,13 +79,13 @@ def export_checkpoint(spec: JobSpec, run_dir: Path, ckpt_path: Path, strategy: s
                 torch.manual_seed(spec.train.seed)
                 base_config = task_config(spec, label_names, tokenizer.pad_token_id)
                 base = auto_class(spec).from_config(base_config, dtype=torch.float32)
-                align_special_tokens(base, tokenizer)
+                align_special_tokens(base, tokenizer, spec.model.config is not None)
                 base.save_pretrained(base_dir)
                 model.peft_config["default"].base_model_name_or_path = str(base_dir)
             else:
                 model.peft_config["default"].base_model_name_or_path = str(spec.model.name_or_path)
     if kind == "model":
-        align_special_tokens(model, tokenizer)
+        align_special_tokens(model, tokenizer, spec.model.config is not None)
     model.save_pretrained(out)
     save_tokenizer(tokenizer, out)
     diff = check_reload(spec, model, out, kind, base_dir)
@@ -96,14 +96,17 @@ def export_checkpoint(spec: JobSpec, run_dir: Path, ckpt_path: Path, strategy: s
     return info
 
 
-def align_special_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+def align_special_tokens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, inline_config: bool) -> None:
     """The config's and generation config's bos/eos/pad ids become the tokenizer's (an inline Llama config
     carries LlamaConfig's bos 1 / eos 2, while the byte tokenizer's `</s>` is 1 and it has no bos: generate()
-    never stopped). An id list that already holds the tokenizer's (Llama 3's two EOS) is kept. Weights do not
-    change: a pad id only zeroes that embedding row's gradient in training."""
+    never stopped). An id list that already holds the tokenizer's (Llama 3's two EOS) is kept. A token the
+    tokenizer lacks clears the id only in an inline config, whose ids are transformers' defaults; a model
+    folder's own config keeps it. Weights do not change: a pad id only zeroes that row's gradient in training."""
     configs = [model.config, getattr(model, "generation_config", None)]
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         wanted = getattr(tokenizer, name)
+        if wanted is None and not inline_config:
+            continue
         for config in configs:
             if config is None:
                 continue
