@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None, stop: SignalStop | None = None) -> int:
     try:
         return run_rank(args.run_dir, stop, env).exit_code
     except FTLError as exc:
-        print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        if env.local_rank == 0:  # once per node: the ranks of a node meet the same mistake (rank 0's also goes to outcome.json)
+            print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         stop.close()
