@@ -4,12 +4,13 @@
     (launcher/token_cache.py, `data.num_proc` 2) against a plain `datasets.map(tokenizer, batched=True,
     num_proc=2)` of the same file and tokenizer; `tokenize_vs_datasets` = FTL's MB/s / datasets' MB/s.
 (b) peak RSS of a process serving 200 micro-batches from that corpus's cache against one 10x smaller
-    (goal: flat, the cache is memory-mapped); `rss_ratio_10x` = big / small.
+    (goal: flat, the cache is memory-mapped); `rss_ratio_10x` = big / small; and the same ratio for the
+    process that builds the cache (`build_rss_ratio_10x`: packing streams, so it grows far less than 10x).
 (c) the sampler + collate time of one quickstart micro-batch (mixture draw, memory-mapped rows, padding)
     against the quickstart's measured step time (`ftl run`, 2 CPU ranks); goal < 1%: `overhead_pct`.
 
     python bench/data.py [--mb 200]
-Last line: RESULT tokenize_vs_datasets=.. rss_ratio_10x=.. overhead_pct=..
+Last line: RESULT tokenize_vs_datasets=.. rss_ratio_10x=.. overhead_pct=.. build_rss_ratio_10x=..
 """
 
 from __future__ import annotations
@@ -46,14 +47,12 @@ def spec_for(data: Path, cache: Path):
     return load_spec(REPO / "configs/quickstart.yaml", [f"data.train={data}", f"data.cache_dir={cache}", "data.num_proc=2", "hardware.device=cpu"])
 
 
-def ftl_tokenize_s(data: Path, cache: Path) -> float:
-    from launcher.data import build_tokenizer, open_sources
-
-    spec = spec_for(data, cache)
-    started = time.monotonic()
-    (source,) = open_sources(spec, build_tokenizer(spec), spec.data.sources)
-    assert source.built
-    return time.monotonic() - started
+def ftl_tokenize(data: Path, cache: Path) -> tuple[float, int]:
+    """(seconds, peak RSS bytes of the building process): FTL's cache build in a fresh process."""
+    code = BUILD.format(repo=str(REPO), data=str(data), cache=str(cache), hwm=HWM)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    seconds, peak = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), int(peak)
 
 
 def datasets_tokenize_s(data: Path, work: Path) -> float:
@@ -68,8 +67,12 @@ def datasets_tokenize_s(data: Path, work: Path) -> float:
     return time.monotonic() - started
 
 
+# Peak RSS as VmHWM of the process's own address space: ru_maxrss survives exec on Linux, so a child
+# started from a big parent reports the parent's peak (this bench first read 17 GB for both corpora so).
+HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
+
 SERVE = """
-import resource, sys
+import sys
 sys.path.insert(0, {repo!r})
 from bench.data import spec_for
 from launcher.data import TrainStream, build_tokenizer, collator, open_sources
@@ -79,12 +82,24 @@ sources = open_sources(spec, tok, spec.data.sources)
 stream = TrainStream(sources, collator(spec, tok, None), 8, 0, 2, 0)
 for _ in range(200):
     stream.next_batch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print({hwm})
+"""
+
+BUILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from bench.data import spec_for
+from launcher.data import build_tokenizer, open_sources
+spec = spec_for(__import__("pathlib").Path({data!r}), __import__("pathlib").Path({cache!r}))
+started = time.monotonic()
+(source,) = open_sources(spec, build_tokenizer(spec), spec.data.sources)
+assert source.built
+print(time.monotonic() - started, {hwm})
 """
 
 
 def serve_peak_rss(data: Path, cache: Path) -> int:
-    code = SERVE.format(repo=str(REPO), data=str(data), cache=str(cache))
+    code = SERVE.format(repo=str(REPO), data=str(data), cache=str(cache), hwm=HWM)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     return int(out.stdout.strip().splitlines()[-1])
 
@@ -121,16 +136,18 @@ def main() -> None:
         work = Path(tmp)
         big, small = corpus(work / "big.jsonl", args.mb), corpus(work / "small.jsonl", args.mb / 10, seed=1)
         mb = big.stat().st_size / 2**20
-        ftl_s = ftl_tokenize_s(big, work / "cache")
+        ftl_s, build_big = ftl_tokenize(big, work / "cache")
         hf_s = datasets_tokenize_s(big, work)
         print(f"(a) tokenize {mb:.0f} MB: FTL cache build {ftl_s:.1f} s ({mb / ftl_s:.1f} MB/s), datasets.map {hf_s:.1f} s ({mb / hf_s:.1f} MB/s)")
-        ftl_tokenize_s(small, work / "cache")
+        _, build_small = ftl_tokenize(small, work / "cache")
         rss_big, rss_small = serve_peak_rss(big, work / "cache"), serve_peak_rss(small, work / "cache")
-        print(f"(b) peak RSS serving 200 micro-batches: {rss_big / 2**20:.0f} MiB ({mb:.0f} MB corpus) vs {rss_small / 2**20:.0f} MiB ({mb / 10:.0f} MB)")
+        print(f"(b) peak RSS serving 200 micro-batches: {rss_big / 2**20:.0f} MiB ({mb:.0f} MB corpus) vs {rss_small / 2**20:.0f} MiB ({mb / 10:.0f} MB); "
+              f"of the process building the cache: {build_big / 2**20:.0f} MiB vs {build_small / 2**20:.0f} MiB")
         batch_s = next_batch_s(REPO / "configs/data/quickstart.jsonl", work / "cache")
         step_s = quickstart_step_s(work)
         print(f"(c) sampler + collate {batch_s * 1e3:.3f} ms per micro-batch; quickstart step {step_s * 1e3:.1f} ms (2 CPU ranks)")
-        print(f"RESULT tokenize_vs_datasets={hf_s / ftl_s:.3f} rss_ratio_10x={rss_big / rss_small:.3f} overhead_pct={100 * batch_s / step_s:.3f}")
+        print(f"RESULT tokenize_vs_datasets={hf_s / ftl_s:.3f} rss_ratio_10x={rss_big / rss_small:.3f} overhead_pct={100 * batch_s / step_s:.3f} "
+              f"build_rss_ratio_10x={build_big / build_small:.3f}")
 
 
 if __name__ == "__main__":

@@ -134,3 +134,26 @@ def test_one_name_is_one_source_across_phases(tmp_path: Path) -> None:
     phases = [{"name": f"p{i}", "steps": 5, "mixture": [{"path": str(p)}]} for i, p in enumerate(same_stem)]
     with pytest.raises(FTLError, match="name 'train' is given to two different sources"):
         job(tmp_path, {"train": None, "phases": phases}, max_steps=10)
+
+
+@pytest.mark.parametrize("docs_per_chunk", [1, 3, 1000])
+def test_packing_streams_in_chunks_with_the_same_blocks(tmp_path: Path, docs_per_chunk: int) -> None:
+    """Blocks written chunk by chunk (a document or a block may straddle chunks) equal the whole-source
+    concatenation: ids, labels, and position ids restarting at each document and block start."""
+    import datasets
+
+    from launcher.token_cache import pack_blocks
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 300, size=rng.integers(1, 40)).tolist() for _ in range(25)]
+    labels = [[t if i % 3 else -100 for i, t in enumerate(d)] for d in docs]
+    table = datasets.Dataset.from_dict({"input_ids": docs, "labels": labels})
+    packed = pack_blocks(table, 16, 0, tmp_path / "packed.arrow", docs_per_chunk=docs_per_chunk).with_format("numpy")[:]
+    ids, want_labels = np.concatenate(docs), np.concatenate(labels)
+    starts = np.repeat(np.cumsum([len(d) for d in docs]) - [len(d) for d in docs], [len(d) for d in docs])
+    pad = -len(ids) % 16
+    index = np.arange(len(ids))
+    positions = np.concatenate([index - np.maximum(starts, index // 16 * 16), np.arange(pad)])
+    assert packed["input_ids"].tolist() == np.concatenate([ids, np.zeros(pad, int)]).reshape(-1, 16).tolist()
+    assert packed["labels"].tolist() == np.concatenate([want_labels, np.full(pad, -100)]).reshape(-1, 16).tolist()
+    assert packed["position_ids"].tolist() == positions.reshape(-1, 16).tolist()
