@@ -48,6 +48,8 @@ def tiny_spec(tmp_path: Path, **sections: dict) -> dict:
         "data": {"train": str(REPO / "configs/data/quickstart.jsonl")},
         "train": {"max_steps": 10, "lr": 1e-3, "seq_len": 64, "micro_batch_size": 2},
         "hardware": {"gpus_per_node": 1, "device": "cpu", "gpu_mem": "4GB"},
+        # The final export (~6 s a run) is tested by the quickstart's run; other tests' runs skip it.
+        "checkpoint": {"export_final": False},
         "output_dir": str(tmp_path / "run"),
     }
     for key, value in sections.items():

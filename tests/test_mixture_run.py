@@ -12,7 +12,7 @@ from tests.conftest import metric_records, run_ftl
 
 def test_multitask_mixture_trains_logs_each_source_and_reuses_the_cache(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    common = [f"data.cache_dir={cache}", "hardware.device=cpu", "train.log_every=10", "checkpoint.every=0"]
+    common = [f"data.cache_dir={cache}", "hardware.device=cpu", "train.log_every=10", "checkpoint.every=0", "checkpoint.export_final=false"]
     first = run_ftl("run", "configs/multitask.yaml", f"output_dir={tmp_path / 'a'}", "train.max_steps=40", *common)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
     records = metric_records(tmp_path / "a")
