@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from launcher.errors import FTLError
 from launcher.manage import add_commands as add_cluster_commands
-from launcher.quiet import hide_library_warnings, quiet_libraries
+from launcher.quiet import hide_library_warnings
 from launcher.rank_env import VERBOSE_ENV
 
 # Each command imports what it uses (the spec's pydantic models, the planner, torch and transformers for a plan,
@@ -350,8 +350,7 @@ def _check_devices(spec: JobSpec, device: str) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
-    with quiet_libraries():  # DCP, DeepSpeed's import and transformers' progress bars say nothing to act on
-        info = export_run(args.run_dir.resolve(), args.to.resolve(), merge=args.merge)
+    info = export_run(args.run_dir.resolve(), args.to.resolve(), merge=args.merge)
     console.print(
         f"exported {info['kind']} ({info['method']}) from {info['checkpoint']} to {args.to}; reloaded with "
         f"transformers{'/peft' if info['kind'] == 'adapter' else ''}: max logit difference {info['max_logit_diff']:.1e}"

@@ -35,6 +35,7 @@ from launcher.checkpoint import find_resume_checkpoint
 from launcher.data import build_tokenizer
 from launcher.errors import FTLError
 from launcher.modeling import auto_class, build_model, task_config
+from launcher.quiet import quiet_libraries
 from launcher.spec import JobSpec, MethodSpec, load_spec
 from launcher.train_state import spec_fingerprint
 from strategies.catalog import traits
@@ -59,6 +60,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> dict:
     return export_checkpoint(spec, run_dir, ckpt.path, ckpt.manifest["strategy"], out, merge)
 
 
+@quiet_libraries()  # DCP in one process, DeepSpeed's import and transformers' bars: nothing for the user to act on
 def export_checkpoint(spec: JobSpec, run_dir: Path, ckpt_path: Path, strategy: str, out: Path, merge: bool = False) -> dict:
     """Write checkpoint `ckpt_path` of the run as a transformers/PEFT folder `out` (created; must be empty)."""
     label_names = read_label_names(run_dir)

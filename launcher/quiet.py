@@ -33,6 +33,10 @@ def hide_library_warnings() -> None:
     """Install the warning filters in this process (the CLI's, a rank's), unless verbose."""
     if verbose_requested():
         return
+    _filter_noise_warnings()
+
+
+def _filter_noise_warnings() -> None:
     for message, category in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
 
@@ -44,8 +48,9 @@ class _BelowError(logging.Filter):
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Around a call into transformers or DeepSpeed (unless verbose): their log lines below ERROR and
-    transformers' progress bars are not shown. Seen without it: BertLMHeadModel's "add `is_decoder=True`"
+    """Around a call into transformers or DeepSpeed (unless verbose): their log lines below ERROR,
+    transformers' progress bars and the NOISE_WARNINGS are not shown, in any process (the Slurm and Ray
+    drivers that write a run's final model install no filters of their own). Seen without it: BertLMHeadModel's "add `is_decoder=True`"
     when the planner sizes a BERT body as a causal LM; "Setting accelerator to CPU" from DeepSpeed's import
     (transformers' save_pretrained imports it); "Writing model shards" / "Loading weights" bars on export.
     Errors still show, and exceptions pass through unchanged."""
@@ -60,7 +65,9 @@ def quiet_libraries() -> Iterator[None]:
     deepspeed, below_error = logging.getLogger(DEEPSPEED_LOGGER), _BelowError()
     deepspeed.addFilter(below_error)
     try:
-        yield
+        with warnings.catch_warnings():
+            _filter_noise_warnings()
+            yield
     finally:
         deepspeed.removeFilter(below_error)
         hf_logging.set_verbosity(verbosity)
