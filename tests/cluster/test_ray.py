@@ -119,15 +119,18 @@ def test_job_spreads_over_two_nodes_cancel_saves_and_resubmission_continues(tmp_
 
 
 def test_killed_worker_resumes_with_exact_losses(tmp_path: Path, local_ray: LocalRay) -> None:
-    job = ray_job(tmp_path, "killed", max_steps=120, every=20)
+    steps = 60  # the kill lands at ~step 26 (rank 1 is found before step 25): ~30 steps to spare
+    job = ray_job(tmp_path, "killed", max_steps=steps, every=20)
     run_dir = submit(job, local_ray, "--max-failures", "1")
-    wait_until(lambda: reached(run_dir, 25), 180, "step 25")
+    wait_until(lambda: reached(run_dir, 2), 180, "step 2")  # the workers are up and have logged their ranks
     rank1 = [w for w in train_workers(local_ray) if f"pid={w.pid})" in job_logs(local_ray, run_dir) and "world_rank=1" in _worker_line(local_ray, run_dir, w.pid)]
     assert len(rank1) == 1, "rank 1's worker not found"
+    wait_until(lambda: reached(run_dir, 25), 180, "step 25")
+    assert not reached(run_dir, steps), "the run ended before the kill"
     os.kill(rank1[0].pid, signal.SIGKILL)
     assert wait_ended(local_ray, run_dir) == "SUCCEEDED", job_logs(local_ray, run_dir)[-4000:]
     resumed = resumed_steps(run_dir)
-    assert len(resumed) == 1 and 20 <= resumed[0] < 120, resumed
+    assert len(resumed) == 1 and 20 <= resumed[0] < steps, resumed
     assert f"resumed from {run_dir}/checkpoints/step-{resumed[0]}" in job_logs(local_ray, run_dir)
 
     # The same job run uninterrupted, by torchrun: the same loop, so the same losses, bit for bit.
@@ -143,7 +146,8 @@ def _worker_line(ray: LocalRay, run_dir: Path, pid: int) -> str:
 
 
 def test_node_removed_mid_run_resumes_when_it_is_back(tmp_path: Path, local_ray: LocalRay) -> None:
-    job = ray_job(tmp_path, "node", max_steps=400, every=25)
+    steps = 150  # node2 goes at ~step 31; the 119 steps left are ~12 s to spare, and a resume from 25 or 50
+    job = ray_job(tmp_path, "node", max_steps=steps, every=25)
     run_dir = submit(job, local_ray, "--max-failures", "1")
     wait_until(lambda: reached(run_dir, 30), 180, "step 30")
     started = time.monotonic()
@@ -153,15 +157,16 @@ def test_node_removed_mid_run_resumes_when_it_is_back(tmp_path: Path, local_ray:
     assert wait_ended(local_ray, run_dir) == "SUCCEEDED", job_logs(local_ray, run_dir)[-4000:]
     assert time.monotonic() - started < 200  # no attempt hangs until the collective timeout
     resumed = resumed_steps(run_dir)
-    assert len(resumed) == 1 and 25 <= resumed[0] < 400, resumed
-    assert sorted(logged_losses(run_dir)) == list(range(1, 401))
+    assert len(resumed) == 1 and 25 <= resumed[0] < steps, resumed
+    assert sorted(logged_losses(run_dir)) == list(range(1, steps + 1))
 
 
 def test_preemption_notice_saves_a_checkpoint_and_training_goes_on(tmp_path: Path, local_ray: LocalRay) -> None:
     """Ray's notice that node2 will be reclaimed (the drain an autoscaler sends for a spot instance): the ranks
     save at once and keep training; with `max_failures=0` the job still succeeds. (When the node then goes,
     Ray restarts the group from that checkpoint against `max_preemption_failures`: Ray's part, not tested here.)"""
-    job = ray_job(tmp_path, "preempted", max_steps=300, every=0)
+    steps = 200  # the notice lands ~3-6 s (30-60 steps) after step 5: room to spare, and to go on after the save
+    job = ray_job(tmp_path, "preempted", max_steps=steps, every=0)
     run_dir = submit(job, local_ray, "--max-failures", "0")
     wait_until(lambda: reached(run_dir, 5), 180, "step 5")
     drain = subprocess.run(
@@ -178,10 +183,14 @@ def test_preemption_notice_saves_a_checkpoint_and_training_goes_on(tmp_path: Pat
     saved = [r for r in metric_records(run_dir) if r.get("event") == "checkpoint_requested"]
     assert len(saved) == 1 and "about to be pre-empted" in saved[0]["detail"], saved
     assert (run_dir / "checkpoints" / f"step-{saved[0]['step']}" / "manifest.json").is_file()
-    assert 5 <= saved[0]["step"] < 300 and sorted(logged_losses(run_dir)) == list(range(1, 301)) and not resumed_steps(run_dir)
+    assert 5 <= saved[0]["step"] < steps and sorted(logged_losses(run_dir)) == list(range(1, steps + 1)) and not resumed_steps(run_dir)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+# qlora only: on Ray it is the lora case (the same PEFT LoRA wrapping, adapter-only checkpoint, and an export
+# that reloads the adapters onto a dense base: launcher/export.py treats qlora as lora there) plus the 4-bit
+# base, so a `lora` case proved nothing this one does not. Plain LoRA keeps its own tests under torchrun
+# (tests/test_methods.py, tests/test_resume.py's lora-ddp).
+@pytest.mark.parametrize("method", ["qlora"])
 def test_adapter_methods_run_on_ray_and_export(tmp_path: Path, local_ray: LocalRay, method: str) -> None:
     job = ray_job(tmp_path, method, max_steps=20, every=0, method={"name": method, "lora": {"r": 8}})  # ~2 s of steps
     run_dir = submit(job, local_ray)
