@@ -284,9 +284,9 @@ class CheckpointSpec(_Section):
     export_final: bool = True
     """When the run finishes, also write its last checkpoint as a transformers/PEFT folder in `output_dir/final`
     (what `ftl export` writes: the model, or the adapter for lora/qlora/prompt_tuning, with the tokenizer)."""
-    export_final: bool = True
-    """When the run finishes, also write its last checkpoint as a transformers/PEFT folder in `output_dir/final`
-    (what `ftl export` writes: the model, or the adapter for lora/qlora/prompt_tuning, with the tokenizer)."""
+
+
+BARE_BYTES_MIN = 2**20  # a bare size below this is a number missing its unit; at or above, a byte count
 
 
 class HardwareSpec(_Section):
