@@ -5,7 +5,7 @@
     num_proc=2)` of the same file and tokenizer; `tokenize_vs_datasets` = FTL's MB/s / datasets' MB/s.
 (b) the memory of a process serving 200 micro-batches from that corpus's cache (its anonymous RSS: the
     cache is memory-mapped, and the file pages it reads are page cache) against one 10x smaller (goal:
-    flat); `rss_ratio_10x` = big / small; and the peak RSS ratio for the
+    flat); `rss_ratio_10x` = big / small; and the peak anonymous RSS ratio for the
     process that builds the cache (`build_rss_ratio_10x`: packing streams, so it grows far less than 10x).
 (c) the sampler + collate time of one quickstart micro-batch (mixture draw, memory-mapped rows, padding)
     against the quickstart's measured step time (`ftl run`, 2 CPU ranks); goal < 1%: `overhead_pct`.
@@ -50,7 +50,7 @@ def spec_for(data: Path, cache: Path):
 
 def ftl_tokenize(data: Path, cache: Path) -> tuple[float, int]:
     """(seconds, peak RSS bytes of the building process): FTL's cache build in a fresh process."""
-    code = BUILD.format(repo=str(REPO), data=str(data), cache=str(cache), hwm=HWM)
+    code = BUILD.format(repo=str(REPO), data=str(data), cache=str(cache), anon=ANON)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     seconds, peak = out.stdout.strip().splitlines()[-1].split()
     return float(seconds), int(peak)
@@ -68,9 +68,8 @@ def datasets_tokenize_s(data: Path, work: Path) -> float:
     return time.monotonic() - started
 
 
-# Peak RSS as VmHWM of the process's own address space: ru_maxrss survives exec on Linux, so a child
+# Memory is read from /proc/self/status of fresh processes: ru_maxrss survives exec on Linux, so a child
 # started from a big parent reports the parent's peak (this bench first read 17 GB for both corpora so).
-HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) * 1024"
 # A serving rank's own memory: RssAnon. Its RSS also counts the cache's memory-mapped pages it has read
 # (with the kernel's readahead, most of a small entry): clean page cache, dropped under pressure, shared
 # by the ranks of a node; it is not memory the rank holds.
@@ -90,16 +89,24 @@ for _ in range(200):
 print({anon})
 """
 
+# The builder's peak *anonymous* RSS, sampled every 20 ms: reading the memory-mapped tokenized table while
+# packing puts its file pages in RSS (VmHWM), page cache that is not the builder's memory.
 BUILD = """
-import sys, time
+import sys, threading, time
 sys.path.insert(0, {repo!r})
 from bench.data import spec_for
 from launcher.data import build_tokenizer, open_sources
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], {anon})
+        time.sleep(0.02)
+threading.Thread(target=sample, daemon=True).start()
 spec = spec_for(__import__("pathlib").Path({data!r}), __import__("pathlib").Path({cache!r}))
 started = time.monotonic()
 (source,) = open_sources(spec, build_tokenizer(spec), spec.data.sources)
 assert source.built
-print(time.monotonic() - started, {hwm})
+print(time.monotonic() - started, peak[0])
 """
 
 
@@ -147,7 +154,7 @@ def main() -> None:
         _, build_small = ftl_tokenize(small, work / "cache")
         rss_big, rss_small = serve_peak_rss(big, work / "cache"), serve_peak_rss(small, work / "cache")
         print(f"(b) anonymous RSS after serving 200 micro-batches: {rss_big / 2**20:.0f} MiB ({mb:.0f} MB corpus) vs {rss_small / 2**20:.0f} MiB ({mb / 10:.0f} MB); "
-              f"peak RSS of the process building the cache: {build_big / 2**20:.0f} MiB vs {build_small / 2**20:.0f} MiB")
+              f"peak anonymous RSS of the process building the cache: {build_big / 2**20:.0f} MiB vs {build_small / 2**20:.0f} MiB")
         batch_s = next_batch_s(REPO / "configs/data/quickstart.jsonl", work / "cache")
         step_s = quickstart_step_s(work)
         print(f"(c) sampler + collate {batch_s * 1e3:.3f} ms per micro-batch; quickstart step {step_s * 1e3:.1f} ms (2 CPU ranks)")
