@@ -37,19 +37,34 @@ def ftl_ok(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.fixture(scope="module")
+def ddp_straight(tmp_path_factory) -> dict[int, float]:
+    """The losses of one uninterrupted ddp run of `job` (paid once: ~15 s of torchrun start-up and model build),
+    the reference of every ddp resume below. No strategy is given, as test_async_save_resumes_bitwise's runs
+    give none; the plan must have chosen ddp, so it is also the `strategy=ddp` reference."""
+    tmp_path = tmp_path_factory.mktemp("ddp-straight")
+    ftl_ok("run", str(job(tmp_path, "straight")))
+    assert json.loads((tmp_path / "straight" / "plan.json").read_text())["strategy"] == "ddp"
+    return losses(tmp_path / "straight")
+
+
 @pytest.mark.parametrize(
     "strategy, extra",
     [("ddp", []), ("fsdp2", []), ("zero2", []), ("ddp", ["method.name=lora"])],
     ids=["ddp", "fsdp2", "zero2", "lora-ddp"],  # lora: the checkpoint holds the adapters only
 )
-def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra):
-    straight = job(tmp_path, "straight")
-    ftl_ok("run", str(straight), f"strategy={strategy}", *extra)
+def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra, ddp_straight):
+    if strategy == "ddp" and not extra:
+        reference = ddp_straight  # the same uninterrupted ddp run test_async_save_resumes_bitwise compares with
+    else:
+        straight = job(tmp_path, "straight")
+        ftl_ok("run", str(straight), f"strategy={strategy}", *extra)
+        reference = losses(tmp_path / "straight")
     paused = job(tmp_path, "paused")
     ftl_ok("run", str(paused), f"strategy={strategy}", "train.stop_at=6", *extra)  # saves step 6 (not a multiple of 4)
     assert max(losses(tmp_path / "paused")) == 6
     ftl_ok("run", str(paused), f"strategy={strategy}", *extra)
-    assert losses(tmp_path / "paused") == losses(tmp_path / "straight")
+    assert losses(tmp_path / "paused") == reference
 
 
 def test_resume_on_another_world_size_continues(tmp_path):
@@ -97,13 +112,14 @@ def test_kill_one_rank_fails_fast_and_rerun_resumes(tmp_path):
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     spec = job(tmp_path, "midsave")
     root = tmp_path / "midsave" / "checkpoints"
-    # The production rank with every save held 20 s inside step-N.tmp/ before the rename (a host-side
-    # hook, tests/hosts/slow_publish_rank.py): kill -9 the whole job in that window.
+    # The production rank with the saves from step 8 on held 20 s inside step-N.tmp/ before the rename (a
+    # host-side hook, tests/hosts/slow_publish_rank.py): kill -9 the whole job in that window. Step 4 is
+    # published at once (holding it too only made the test wait 20 s more).
     loaded = load_spec(spec, ["checkpoint.every=4"])
     prepare_run_dir(loaded, plan(request_from_spec(loaded, model_shape(loaded.model), "cpu")), fresh=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-         "-m", "tests.hosts.slow_publish_rank", str(loaded.output_dir), "20"],
+         "-m", "tests.hosts.slow_publish_rank", str(loaded.output_dir), "20", "8"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     wait_for(lambda: (root / "step-8.tmp" / "trainer_state.rank1.json").exists(), timeout=180)
@@ -168,16 +184,14 @@ def test_checkpoints_hold_no_pickles(tmp_path):
             assert file.suffix == ".distcp" or file.name == ".metadata", file
 
 
-def test_async_save_resumes_bitwise(tmp_path):
+def test_async_save_resumes_bitwise(tmp_path, ddp_straight):
     """Background (DCP async) saves: training goes on while they are written; resuming from one is exact."""
-    straight = job(tmp_path, "straight")
-    ftl_ok("run", str(straight))
     paused = job(tmp_path, "async")
     ftl_ok("run", str(paused), "checkpoint.async_save=true", "train.stop_at=10")
     root = tmp_path / "async" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-10" and (root / "step-8" / "manifest.json").is_file()
     ftl_ok("run", str(paused), "checkpoint.async_save=true")
-    assert losses(tmp_path / "async") == losses(tmp_path / "straight")
+    assert losses(tmp_path / "async") == ddp_straight
 
 
 def test_async_save_is_published_while_training_goes_on(tmp_path):
