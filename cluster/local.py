@@ -46,12 +46,12 @@ def torchrun_argv(
     return argv
 
 
-def job_env(device: str, base: dict[str, str]) -> dict[str, str]:
+def job_env(device: str, base: dict[str, str], ranks_per_node: int = 1) -> dict[str, str]:
     """The environment the ranks get: `base` plus what makes the device choice explicit to libraries.
     DeepSpeed otherwise probes for accelerators itself; on a CPU job it must pick its CPU accelerator."""
     env = dict(base)
-    # torchrun sets 1 itself (and prints a banner saying so) when it is unset; the same value, quietly.
-    env.setdefault("OMP_NUM_THREADS", "1")
+    if ranks_per_node > 1:  # torchrun sets 1 itself then (and prints a banner saying so): the same value, quietly
+        env.setdefault("OMP_NUM_THREADS", "1")
     if device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env["GLIBC_TUNABLES"] = with_tunable(env.get("GLIBC_TUNABLES", ""), *NON_TEMPORAL_THRESHOLD)

@@ -150,7 +150,7 @@ def step(args: argparse.Namespace) -> int:
         args.run_dir, args.nproc_per_node, args.nnodes, args.rdzv_endpoint, run_id=args.rdzv_id,
         shutdown_timeout_s=job.plan.save_grace_s,
     )
-    code = run_local(argv, env=job_env(job.plan.request.device, dict(os.environ)))
+    code = run_local(argv, env=job_env(job.plan.request.device, dict(os.environ), job.plan.request.gpus_per_node))
     result = read_outcome(args.run_dir)
     deadline = time.monotonic() + OUTCOME_WAIT_S
     while code != 0 and result is None and args.nnodes > 1 and time.monotonic() < deadline:
@@ -198,9 +198,12 @@ def after(args: argparse.Namespace) -> int:
     if cause == "completed":
         # Once per job, on the batch host, after every node's ranks have exited: the checkpoint is complete and
         # one process reads it whatever the strategy (launcher/export.py).
-        from launcher.export import write_final
-
-        write_final(run_dir, say=lambda line: print(f"ftl: {line}", flush=True))
+        try:
+            from launcher.export import write_final
+        except ImportError as exc:  # a batch host outside the job's container: the run itself succeeded
+            print(f"ftl: the final model was not written ({exc}); run `ftl export {run_dir} --to {run_dir / 'final'}`", flush=True)
+        else:
+            write_final(run_dir, say=lambda line: print(f"ftl: {line}", flush=True))
     if decision == "requeue":
         _slurm(["scontrol", "requeue", job_id])
         return EXIT_OK

@@ -22,7 +22,7 @@ from torch.distributed.run import parse_args, run
 
 from launcher.outcome import EXIT_PREEMPTED, EXIT_USER_ERROR
 
-EXPLAINED = {EXIT_USER_ERROR: "a user error (printed above)", EXIT_PREEMPTED: "pre-empted (checkpoint saved)"}
+EXPLAINED = {EXIT_USER_ERROR: "a user error (printed above; every rank's in RUN_DIR/logs/rank-N.log)", EXIT_PREEMPTED: "pre-empted (checkpoint saved)"}
 TORCHRUN_FAILED = 1  # what torchrun exits with for any failed worker (an uncaught ChildFailedError)
 
 

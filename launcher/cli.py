@@ -157,6 +157,7 @@ def job_command(spec: JobSpec, job_plan: Plan, rdzv_endpoint: str | None = None)
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from launcher.job import deepspeed_json
+    from launcher.report import gib
 
     spec = load_job(args)
     job_plan = make_job_plan(spec)
@@ -178,9 +179,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             how = "a real step" if spec.method.name == "qlora" else "one traced step"
             console.print(
                 f"[bold]measured[/] {how} of {job_plan.strategy} with method {spec.method.name} at world size "
-                f"{job_plan.request.world_size}: peak {_gib(measured.peak)} of tensors vs predicted {_gib(predicted)} "
+                f"{job_plan.request.world_size}: peak {gib(measured.peak)} of tensors vs predicted {gib(predicted)} "
                 f"(ratio {predicted / measured.peak:.3f}; the fixed overhead is not a tensor and is left out of both); "
-                f"trainable parameters + optimizer states {_gib(measured.trainable_state)}"
+                f"trainable parameters + optimizer states {gib(measured.trainable_state)}"
             )
     return 0 if job_plan.fits else 2
 
@@ -209,12 +210,14 @@ def measure_plan(spec: JobSpec, job_plan: Plan) -> MeasuredMemory:
             f"in one process, which measures a DDP rank only; the plan chose {job_plan.strategy}. Force `strategy=ddp` "
             "to measure the step, or plan without --measure."
         )
+    from launcher.report import gib, short_count
+
     r = job_plan.request
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if quantized and 4 * r.shape.params_total > host_bytes // 2:
         raise FTLError(
-            f"`--measure` runs QLoRA's step for real, which first builds the {_short(r.shape.params_total)}-parameter model "
-            f"in this machine's memory ({_gib(4 * r.shape.params_total)} in fp32, this machine has {_gib(host_bytes)}). "
+            f"`--measure` runs QLoRA's step for real, which first builds the {short_count(r.shape.params_total)}-parameter model "
+            f"in this machine's memory ({gib(4 * r.shape.params_total)} in fp32, this machine has {gib(host_bytes)}). "
             "Measure a smaller model of the same family, or plan without --measure."
         )
 
@@ -264,7 +267,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     prepare_run_dir(spec, job_plan, fresh=args.no_resume, say=console.print)
     console.print(f"[bold]FTL[/] {job_plan.strategy} x {spec.hardware.nodes * spec.hardware.gpus_per_node} ranks -> {spec.output_dir}")
     console.print("[dim]" + escape(" ".join(command)) + "[/]")
-    code = exit_code_of(run_local(command, env=job_env(device, dict(os.environ))), spec.output_dir)
+    code = exit_code_of(run_local(command, env=job_env(device, dict(os.environ), spec.hardware.gpus_per_node)), spec.output_dir)
     if code == 0:
         write_final_model(spec)
     return code
@@ -372,16 +375,6 @@ def cmd_spec(args: argparse.Namespace) -> int:
     )
     print_spec_fields(console, JobSpec)
     return 0
-
-
-def _gib(n: int) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:,.1f} GiB"
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def _short(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 if __name__ == "__main__":

@@ -112,8 +112,15 @@ def main(argv: list[str] | None = None, stop: SignalStop | None = None) -> int:
     try:
         return run_rank(args.run_dir, stop, env).exit_code
     except FTLError as exc:
-        if env.local_rank == 0:  # once per node: the ranks of a node meet the same mistake (rank 0's also goes to outcome.json)
-            print(f"error (rank {env.rank}): {exc}", file=sys.stderr)
+        line = f"error (rank {env.rank}): {exc}"
+        if env.local_rank == 0:  # once per node on the terminal: a node's ranks meet the same mistake (rank 0's is in outcome.json)
+            print(line, file=sys.stderr)
+        else:  # the others only in their own log (RUN_DIR/logs/rank-N.log), where a rank's different reason is kept
+            try:
+                with open(rank_log_path(args.run_dir, env.rank), "a") as log:
+                    log.write(line + "\n")
+            except OSError:
+                print(line, file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
         stop.close()

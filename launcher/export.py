@@ -165,10 +165,30 @@ def check_tokenizer_reload(tokenizer: PreTrainedTokenizerBase, out: Path) -> Non
 def make_readable(out: Path) -> None:
     """Give every file and folder of the export the mode a new file of this user gets (0644 and 0755 under
     the usual umask 022): transformers writes model.safetensors through a temporary file, which is 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [out, *out.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def current_umask() -> int:
+    """This process's umask, read without setting it (os.umask is process-wide: a probe would give files
+    another thread creates meanwhile mode 0666); Linux's /proc, else the probe."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def write_final(run_dir: Path, say: Callable[[str], None] = print) -> Path | None:
@@ -204,6 +224,14 @@ def _write_final(run_dir: Path, final: Path, say: Callable[[str], None]) -> Path
             return final  # already written for this checkpoint (a rerun that found the run complete)
     except (OSError, ValueError, KeyError):
         pass
+    plan = json.loads((run_dir / "plan.json").read_text())
+    need = 2 * 4 * int(plan["request"]["shape"]["params_total"])  # built in fp32, then reloaded to check it
+    have = available_memory_bytes()
+    if spec.method.name in ("full", "freeze", "gradual_unfreezing") and have is not None and need > have:
+        say(f"note: the final model is not written here: exporting it builds the whole model in fp32 twice (~{need / 2**30:.0f} GiB) "
+            f"and this machine has {have / 2**30:.0f} GiB available; run `ftl export {run_dir} --to {final}` where the memory is, "
+            "or set `checkpoint.export_final: false`")
+        return None
     # Written beside `final` and renamed, so `final` is always one whole export.
     tmp = run_dir / f"{FINAL_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -55,8 +55,14 @@ def build_config(spec: ModelSpec) -> PretrainedConfig:
     import json
     from pathlib import Path
 
-    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
+
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # transformers 5's config validation
+    except ImportError:  # older huggingface_hub (transformers 4.x): nothing raises it
+
+        class StrictDataclassError(Exception):
+            pass
 
     from launcher.model_checks import check_config, check_given_values, construction_error
 

@@ -239,7 +239,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSpec, phases: 
     """Linear warmup then cosine decay to `min_lr_ratio`, applied to each group's own LR. With `phases` that
     have their own cycle (schedule.Phase.lr), each phase re-warms to its own peak and decays over its steps;
     group LR ratios (a new head's) hold within each phase."""
-    if any(p.lr is not None for p in phases):
+    if any(p.lr is not None for p in phases):  # schedule.Schedule.phase_cycles
 
         def factor(done: int) -> float:  # `done` optimizer steps taken: the next is step done + 1
             phase = next((p for p in phases if done + 1 <= p.last_step), phases[-1])

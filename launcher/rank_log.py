@@ -77,11 +77,13 @@ def tee_output(path: Path, header: str = "") -> Iterator[None]:
         for fd, original in saved.items():
             os.dup2(original, fd)  # closes this process's last write end of the pipe: the tee sees its end
             os.close(original)
+        deadline = time.monotonic() + 2  # one short wait for both: a rank's exit must not eat torchrun's grace
         for tee in tees:
             try:
-                tee.wait(timeout=10)
+                tee.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:  # a child process still holds the pipe; its tee ends with it
                 pass
+    finally:
         for key, value in previous_env.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -218,7 +218,6 @@ def pack_blocks(table: datasets.Dataset, seq_len: int, pad_id: int, out: Path, d
             carry_ids, carry_labels, carry_starts, base = ids[full:], labels[full:], starts[full:], base + full
         if len(carry_ids):
             pad = seq_len - len(carry_ids)
-            index = base + np.arange(seq_len)
             starts = np.concatenate([carry_starts, np.full(pad, base + len(carry_ids))])  # the padding counts from its own start
             emit(writer, np.concatenate([carry_ids, np.full(pad, pad_id)]), np.concatenate([carry_labels, np.full(pad, -100)]), starts, base)
     return datasets.Dataset.from_file(str(out))

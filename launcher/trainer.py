@@ -179,7 +179,7 @@ class Trainer:
         if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved_lrs, sched.get_last_lr())):
             return
         now = schedule_settings(self.spec)
-        changed = ", ".join(f"train.{k} {saved.lr_schedule[k]} -> {v}" for k, v in now.items() if saved.lr_schedule.get(k, v) != v)
+        changed = ", ".join(f"{'data' if k == 'phases' else 'train'}.{k} {saved.lr_schedule[k]} -> {v}" for k, v in now.items() if saved.lr_schedule.get(k, v) != v)
         detail = (
             f"the LR schedule changed since the checkpoint ({changed or 'the checkpoint does not record its settings'}): from step {saved.step + 1} the LR "
             f"follows this spec's schedule over {self.spec.train.max_steps} steps, lr {saved_lrs[0]:.4g} (saved schedule) -> "
@@ -402,7 +402,10 @@ class Trainer:
 
 def schedule_settings(spec) -> dict:
     """The `train` settings the LR schedule is built from (saved with each checkpoint)."""
-    return {k: getattr(spec.train, k) for k in ("max_steps", "warmup_steps", "lr", "min_lr_ratio")}
+    settings = {k: getattr(spec.train, k) for k in ("max_steps", "warmup_steps", "lr", "min_lr_ratio")}
+    if spec.data.phases and any(p.lr is not None or p.warmup_steps is not None for p in spec.data.phases):
+        settings["phases"] = [[p.steps, p.lr, p.warmup_steps] for p in spec.data.phases]  # their own LR cycles
+    return settings
 
 
 def seed_everything(seed: int) -> None:

@@ -144,6 +144,8 @@ def test_cuda_plan_on_a_cpu_machine_is_one_paragraph_and_writes_nothing(tmp_path
     assert "torchrun: the ranks stopped: a user error" in ranks.stderr and "Traceback" not in ranks.stderr and "Root Cause" not in ranks.stderr, ranks.stderr[-3000:]
     after = snapshot(run_dir)
     outcome = json.loads(after.pop("outcome.json"))  # only what the launcher reads its exit code from
+    for rank in (0, 1):  # and what each rank printed: the terminal shows rank 0's paragraph, each log its own
+        assert b"was made for CUDA GPUs" in after.pop(f"logs/rank-{rank}.log")
     assert after == before and outcome["outcome"] == "error" and "was made for CUDA GPUs" in outcome["detail"]
 
 

@@ -61,8 +61,9 @@ def test_sigterm_reaches_the_job():
 
 
 def test_cpu_ranks_get_the_copy_tunable_without_losing_the_users():
-    assert job_env("cuda", {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}  # what torchrun sets, without its banner
-    assert job_env("cuda", {"OMP_NUM_THREADS": "4"})["OMP_NUM_THREADS"] == "4"
+    assert job_env("cuda", {"PATH": "/bin"}) == {"PATH": "/bin"}  # one rank: all threads, as torchrun leaves it
+    assert job_env("cuda", {"PATH": "/bin"}, 2) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}  # what torchrun sets, without its banner
+    assert job_env("cuda", {"OMP_NUM_THREADS": "4"}, 2)["OMP_NUM_THREADS"] == "4"
     env = job_env("cpu", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.cpu.x86_non_temporal_threshold=0x100000"
     assert env["DS_ACCELERATOR"] == "cpu"
