@@ -48,12 +48,20 @@ def ddp_straight(tmp_path_factory) -> dict[int, float]:
     return losses(tmp_path / "straight")
 
 
+# `crafted`: after the resume, the file of the finished checkpoint that is read by plain unpickling is
+# replaced by a crafted pickle and must be refused (crafted_pickle_is_refused_not_run): DCP's `.metadata`
+# (ddp) and DeepSpeed's optimizer states (zero2). Done on this test's run, it needs no run of its own.
 @pytest.mark.parametrize(
-    "strategy, extra",
-    [("ddp", []), ("fsdp2", []), ("zero2", []), ("ddp", ["method.name=lora"])],
+    "strategy, extra, crafted",
+    [
+        ("ddp", [], (".metadata", pickle.dumps)),
+        ("fsdp2", [], None),
+        ("zero2", [], ("deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", None)),
+        ("ddp", ["method.name=lora"], None),
+    ],
     ids=["ddp", "fsdp2", "zero2", "lora-ddp"],  # lora: the checkpoint holds the adapters only
 )
-def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra, ddp_straight):
+def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra, crafted, ddp_straight):
     if strategy == "ddp" and not extra:
         reference = ddp_straight  # the same uninterrupted ddp run test_async_save_resumes_bitwise compares with
     else:
@@ -65,6 +73,9 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra, ddp_str
     assert max(losses(tmp_path / "paused")) == 6
     ftl_ok("run", str(paused), f"strategy={strategy}", *extra)
     assert losses(tmp_path / "paused") == reference
+    if crafted:
+        ckpt = tmp_path / "paused" / "checkpoints" / f"step-{STEPS}"
+        crafted_pickle_is_refused_not_run(tmp_path, paused, ckpt, *crafted, f"strategy={strategy}", f"train.max_steps={STEPS + 1}")
 
 
 def test_resume_on_another_world_size_continues(tmp_path):
@@ -217,17 +228,10 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize(
-    "strategy, name, dump",
-    [("ddp", ".metadata", pickle.dumps), ("zero2", "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt", None)],
-    ids=["dcp-metadata", "deepspeed-optim"],
-)
-def test_crafted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path, strategy, name, dump):
+def crafted_pickle_is_refused_not_run(tmp_path: Path, spec: Path, ckpt: Path, name: str, dump, *args: str) -> None:
     """DCP reads `.metadata`, and DeepSpeed its .pt files, with plain unpickling; FTL reads both allowing
-    only their own classes, so a crafted checkpoint cannot run code on resume."""
-    spec = job(tmp_path, "crafted")
-    ftl_ok("run", str(spec), f"strategy={strategy}", "train.stop_at=4")
-    ckpt = tmp_path / "crafted" / "checkpoints" / "step-4"
+    only their own classes, so a crafted checkpoint cannot run code on resume. `ckpt`: the checkpoint the
+    run of `spec` with `args` resumes from (test_stop_and_resume_is_bitwise_identical's, for ddp and zero2)."""
     marker = tmp_path / "pwned"
     if dump is None:
         torch.save({"optimizer_state_dict": _Payload(marker)}, ckpt / name)
@@ -236,7 +240,7 @@ def test_crafted_pickle_in_a_checkpoint_is_refused_not_run(tmp_path, strategy, n
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"][name] = (ckpt / name).stat().st_size  # as a careful attacker would
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    result = run_ftl("run", str(spec), f"strategy={strategy}", timeout=300)
+    result = run_ftl("run", str(spec), *args, timeout=300)
     assert result.returncode != 0 and not marker.exists()
     output = result.stdout + result.stderr
     assert "refuses to unpickle" in output and "posix.system" in output and str(ckpt) in output
