@@ -78,18 +78,6 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, strategy, extra, crafted
         crafted_pickle_is_refused_not_run(tmp_path, paused, ckpt, *crafted, f"strategy={strategy}", f"train.max_steps={STEPS + 1}")
 
 
-def test_resume_on_another_world_size_continues(tmp_path):
-    spec = job(tmp_path, "reshard")
-    ftl_ok("run", str(spec), "train.stop_at=8")
-    before = losses(tmp_path / "reshard")
-    ftl_ok("run", str(spec), "--gpus", "1")  # 2 ranks saved it, 1 rank resumes (DCP reshards)
-    after = losses(tmp_path / "reshard")
-    assert min(after) == 1 and 9 in after and max(after) == STEPS
-    assert abs(after[9] - before[8]) < 0.5 * (before[1] - before[8])  # continues, does not restart
-    plan = json.loads((tmp_path / "reshard" / "plan.json").read_text())
-    assert plan["world_size"] == 1
-
-
 def test_changed_model_or_missing_manifest_is_refused_and_checkpoints_hold_no_pickles(tmp_path):
     """Three checks on one run stopped at step 4 (each used to pay its own ~12 s run): FTL's checkpoint files
     are JSON, not pickles; a changed model is refused; a checkpoint without its manifest is a clear error;
@@ -154,7 +142,10 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert losses(tmp_path / "midsave")[STEPS] > 0
 
 
-def test_corrupt_checkpoint_names_the_file_and_can_fall_back(tmp_path):
+def test_corrupt_checkpoint_names_the_file_and_can_fall_back_then_resume_on_another_world_size_continues(tmp_path):
+    """Two checks on one run (the second used to pay its own 2-rank run first): a truncated shard is named and
+    `on_corrupt=previous` falls back to the checkpoint before it; the finished 2-rank run then resumes on
+    1 rank (DCP reshards) and continues where it was."""
     spec = job(tmp_path, "corrupt")
     ftl_ok("run", str(spec), "train.stop_at=8")  # saves step-4 and step-8
     root = tmp_path / "corrupt" / "checkpoints"
@@ -166,6 +157,15 @@ def test_corrupt_checkpoint_names_the_file_and_can_fall_back(tmp_path):
     rerun = ftl_ok("run", str(spec), "checkpoint.on_corrupt=previous")
     assert "resuming from" in rerun.stdout and "step-4" in rerun.stdout
     (root / "step-8" / "manifest.json").unlink(missing_ok=True)
+
+    before = losses(tmp_path / "corrupt")
+    assert max(before) == STEPS
+    ftl_ok("run", str(spec), "--gpus", "1", f"train.max_steps={STEPS + 4}")  # 2 ranks saved it, 1 rank resumes
+    after = losses(tmp_path / "corrupt")
+    assert min(after) == 1 and STEPS + 1 in after and max(after) == STEPS + 4
+    assert abs(after[STEPS + 1] - before[STEPS]) < 0.5 * (before[1] - before[STEPS])  # continues, does not restart
+    plan = json.loads((tmp_path / "corrupt" / "plan.json").read_text())
+    assert plan["world_size"] == 1
 
 
 def test_sigterm_saves_and_resume_continues(tmp_path):
