@@ -102,19 +102,6 @@ def _start(*args: str, env: dict | None = None) -> subprocess.Popen:
     )
 
 
-def test_kill_one_rank_fails_fast_and_rerun_resumes(tmp_path):
-    spec = job(tmp_path, "killed", max_steps=4000, log_every=50)
-    proc = _start("run", str(spec), "checkpoint.every=200")
-    wait_for(lambda: (tmp_path / "killed" / "checkpoints" / "latest").exists())
-    rank_processes(proc)[-1].kill()  # SIGKILL one rank, mid-training
-    start = time.monotonic()
-    code = proc.wait(timeout=60)
-    assert code != 0 and time.monotonic() - start < 60
-    saved = (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()
-    rerun = ftl_ok("run", str(spec), "checkpoint.every=200", "train.max_steps=" + str(int(saved.split("-")[1]) + 10))
-    assert f"resumed from {tmp_path / 'killed' / 'checkpoints' / saved}" in rerun.stdout
-
-
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     spec = job(tmp_path, "midsave")
     root = tmp_path / "midsave" / "checkpoints"
@@ -202,9 +189,10 @@ def test_async_save_resumes_bitwise(tmp_path, ddp_straight):
     assert losses(tmp_path / "async") == ddp_straight
 
 
-def test_async_save_is_published_while_training_goes_on(tmp_path):
+def test_async_save_is_published_while_training_goes_on_and_a_killed_rank_fails_fast(tmp_path):
     """A background save becomes `latest` as soon as it is written, not at the next save: a job killed
-    between two saves resumes from the last one."""
+    between two saves resumes from the last one. The kill is SIGKILL to one rank, mid-training: the job
+    fails fast, not at the collective timeout. (Two tests once, each paying its own run.)"""
     spec = job(tmp_path, "published", max_steps=4000, log_every=10)
     args = ("checkpoint.async_save=true", "checkpoint.every=200")
     proc = _start("run", str(spec), *args)
@@ -212,9 +200,10 @@ def test_async_save_is_published_while_training_goes_on(tmp_path):
     wait_for(lambda: (root / "latest").exists())
     metrics = (tmp_path / "published" / "metrics.jsonl").read_text().splitlines(keepends=True)
     logged = max(json.loads(l)["step"] for l in metrics if l.endswith("\n") and '"loss"' in l)
-    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        process.kill()  # the whole tree at once (torchrun's workers have sessions of their own)
-    proc.wait(timeout=30)
+    rank_processes(proc)[-1].kill()  # SIGKILL one rank, mid-training
+    start = time.monotonic()
+    code = proc.wait(timeout=60)
+    assert code != 0 and time.monotonic() - start < 60
     assert (root / "latest").read_text().strip() == "step-200" and logged < 400
     rerun = ftl_ok("run", str(spec), *args, "train.max_steps=210")
     assert f"resumed from {root / 'step-200'}" in rerun.stdout
