@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import metric_records, run_ftl
 
 pytestmark = pytest.mark.slow
-STEPS = ["data.phases.0.steps=100", "data.phases.1.steps=100", "train.max_steps=200", "hardware.device=cpu", "train.log_every=20"]
+STEPS = ["data.phases.0.steps=100", "data.phases.1.steps=100", "train.max_steps=200", "hardware.device=cpu", "train.log_every=20", "checkpoint.export_final=false"]
 
 
 def run(tmp_path: Path, name: str, *overrides: str) -> Path:
