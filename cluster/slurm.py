@@ -119,7 +119,13 @@ def job_state(job_id: str) -> dict[str, str]:
     if result.returncode != 0:
         return {}
     first = result.stdout.strip().splitlines()[0] if result.stdout.strip() else ""
-    return dict(field.split("=", 1) for field in first.split() if "=" in field)
+    return parse_job_line(first)
+
+
+def parse_job_line(line: str) -> dict[str, str]:
+    """`scontrol show job -o`'s one line as fields. A value may hold spaces (a WorkDir or StdOut under a
+    folder named "my run"), so fields split only at a space followed by the next `Key=`."""
+    return dict(field.split("=", 1) for field in re.split(r" (?=[A-Z][A-Za-z/:]*=)", line.strip()) if "=" in field)
 
 
 def cancel(run_dir: Path, job_id: str) -> None:

@@ -69,6 +69,11 @@ def check_data(spec: JobSpec, ranks: int, say: Say) -> None:
             + (f", {stats['bad_rows']} bad rows skipped" if stats["bad_rows"] else "")
             + (f" (tokenized in {stats['tokenize_s']} s)" if source.built else " (from the cache)"))
     label_names = label_names_of(spec, list(sources.values())) if spec.task.name == "classification" else None
+    if spec.data.few_shot:
+        from launcher.data import few_shot_rows
+
+        for i, source in enumerate(sources.values()):  # a class with fewer than k examples is named here
+            few_shot_rows(spec, source, spec.data.few_shot, spec.train.seed + i)
     step_examples = ranks * spec.train.micro_batch_size
     for phase in schedule.phases:
         have = sum(len(sources[s.label]) for s in phase.sources)

@@ -60,6 +60,8 @@ MISTAKES = [
      "expect": r"`data\.tokenizer` is \S+a-file', which is neither `bytes` nor a local tokenizer folder"},
     {"name": "a vocabulary smaller than the tokenizer", "argv": ["run", "{quickstart}", "model.config.vocab_size=200"],
      "expect": r"tokenizer has \d+ tokens but the model's vocab_size is 200.*`model\.config\.vocab_size`"},
+    {"name": "few-shot k above a class's examples", "argv": ["run", "{minilm}", "data.few_shot=100000"],
+     "expect": r"`data\.few_shot` is 100000 but class '\w+' of \S+ has \d+ examples"},
     # --- the run dir ---------------------------------------------------------------------------------
     {"name": "output_dir that is a file", "argv": ["plan", "{quickstart}", "output_dir={data}/a-file"],
      "expect": r"`output_dir` \S+a-file is a file, not a folder"},

@@ -183,11 +183,15 @@ def test_other_world_size_replans_on_resume_and_is_refused_otherwise(tmp_path):
 
 
 def test_a_mistake_the_ranks_find_is_exit_2_with_its_paragraph(tmp_path):
-    """A data file the ranks cannot read: torchrun reports its ranks' exits as 1, `ftl run` says 2 and
-    prints the ranks' one paragraph (read from outcome.json)."""
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"text": "broken\n')
-    result = run_ftl("run", str(job(tmp_path, "baddata", max_steps=4)), f"data.train={bad}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert f"Cannot read data file {bad}" in result.stderr.splitlines()[-1]
+    """A data file that breaks after `ftl run` checked it (the pre-flight reads every file first): torchrun
+    reports its ranks' exits as 1, `ftl run` says 2 and prints the ranks' one paragraph (read from
+    outcome.json), without torchrun's traceback."""
+    data = tmp_path / "data.jsonl"
+    data.write_text((REPO / "configs/data/quickstart.jsonl").read_text())
+    proc = start("run", str(job(tmp_path, "baddata", max_steps=4)), f"data.train={data}")
+    wait_for(lambda: (tmp_path / "baddata" / "plan.json").exists())  # written after the pre-flight, before torchrun starts
+    data.write_text('{"text": "fine"}\n{"text": "broken\n')  # the ranks are still importing torch
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 2, output[-3000:]
+    assert f"Cannot read data file {data}: line 2" in output.splitlines()[-1] and "Traceback" not in output, output[-3000:]
     assert json.loads((tmp_path / "baddata" / "outcome.json").read_text())["outcome"] == "error"

@@ -138,3 +138,12 @@ def test_requeued_job_runs_again_within_30_s(local_slurm, jobs, tmp_path, capsys
         print(f"\nscontrol requeue -> running again after {delay_s:.1f} s")
     # SLURM_RESTART_COUNT is unset on the first run, 1 on the first restart
     assert runs.read_text().splitlines() == ["run ", "run 1"]
+
+
+def test_a_job_line_keeps_values_with_spaces():
+    from cluster.slurm import parse_job_line
+
+    line = "JobId=7 JobName=ftl-my run JobState=COMPLETED Reason=None WorkDir=/tmp/my run/x StdOut=/tmp/my run/x/slurm-7.out TRES=cpu=2,node=1"
+    fields = parse_job_line(line)
+    assert fields["WorkDir"] == "/tmp/my run/x" and fields["StdOut"] == "/tmp/my run/x/slurm-7.out"
+    assert fields["JobState"] == "COMPLETED" and fields["TRES"] == "cpu=2,node=1" and fields["JobName"] == "ftl-my run"
