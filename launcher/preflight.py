@@ -49,7 +49,7 @@ def check_model(spec: JobSpec) -> list[str]:
 
 
 def check_data(spec: JobSpec, ranks: int, say: Say) -> None:
-    """Every data file tokenized into the cache (or found there) and checked; collective work none."""
+    """Every data file tokenized into the cache (or found there) and checked, in this one process."""
     from launcher.data import build_tokenizer, check_vocab, label_names_of, open_sources
     from launcher.model_info import build_config
     from launcher.schedule import Schedule
@@ -78,7 +78,7 @@ def check_data(spec: JobSpec, ranks: int, say: Say) -> None:
     for phase in schedule.phases:
         have = sum(len(sources[s.label]) for s in phase.sources)
         if spec.data.few_shot:
-            continue  # few-shot subsets are drawn (and checked per class) by the ranks
+            continue  # the ranks train on k-row subsets (their classes checked above)
         if have < step_examples:
             where = f"phase {phase.name!r}'s sources" if len(schedule.phases) > 1 else "the training data"
             raise FTLError(
