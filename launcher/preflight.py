@@ -39,24 +39,13 @@ def check_output_dir(path: Path) -> None:
         raise FTLError(f"`output_dir` {path} cannot be created: {parent} is not writable by this user. Point output_dir at a folder you can write.")
 
 
-def check_model(spec: JobSpec) -> list[str]:
-    """The model config's errors (raised) and warnings (returned): `train.seq_len` against its positions."""
-    from launcher.model_checks import check_positions
-    from launcher.model_info import build_config
-
-    warning = check_positions(build_config(spec.model), spec.train.seq_len)
-    return [warning] if warning else []
-
-
-def check_data(spec: JobSpec, ranks: int, say: Say) -> None:
+def check_data(spec: JobSpec, config, ranks: int, say: Say) -> None:
     """Every data file tokenized into the cache (or found there) and checked, in this one process."""
     from launcher.data import build_tokenizer, check_vocab, label_names_of, open_sources
-    from launcher.model_info import build_config
     from launcher.schedule import Schedule
     from launcher.spec import SourceSpec
 
     tokenizer = build_tokenizer(spec)
-    config = build_config(spec.model)
     vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
     if isinstance(vocab, int):
         check_vocab(tokenizer, vocab)
@@ -75,10 +64,8 @@ def check_data(spec: JobSpec, ranks: int, say: Say) -> None:
         for i, source in enumerate(sources.values()):  # a class with fewer than k examples is named here
             few_shot_rows(spec, source, spec.data.few_shot, spec.train.seed + i)
     step_examples = ranks * spec.train.micro_batch_size
-    for phase in schedule.phases:
+    for phase in schedule.phases if not spec.data.few_shot else ():  # few-shot: k-row subsets (classes checked above)
         have = sum(len(sources[s.label]) for s in phase.sources)
-        if spec.data.few_shot:
-            continue  # the ranks train on k-row subsets (their classes checked above)
         if have < step_examples:
             where = f"phase {phase.name!r}'s sources" if len(schedule.phases) > 1 else "the training data"
             raise FTLError(
@@ -98,9 +85,14 @@ def check_data(spec: JobSpec, ranks: int, say: Say) -> None:
 
 
 def run_checks(spec: JobSpec, ranks: int, say: Say, data: bool = True) -> list[str]:
-    """All of the above; returns the warnings (the caller prints them)."""
+    """All of the above; returns the warnings (the caller prints them): `train.seq_len` against the model's
+    positions. The model config (its errors raised by build_config) is built once for every check."""
+    from launcher.model_checks import check_positions
+    from launcher.model_info import build_config
+
     check_output_dir(spec.output_dir)
-    warnings = check_model(spec)
+    config = build_config(spec.model)
+    warning = check_positions(config, spec.train.seq_len)
     if data:
-        check_data(spec, ranks, say)
-    return warnings
+        check_data(spec, config, ranks, say)
+    return [warning] if warning else []
