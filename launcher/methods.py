@@ -183,15 +183,16 @@ def _peft(model: torch.nn.Module, method: MethodSpec, task: str, num_labels: int
 @torch.no_grad()
 def init_prompt_from_text(model: torch.nn.Module, token_ids: list[int]) -> None:
     """Start the virtual tokens from the embeddings of `token_ids`, repeated to fill the prompt. Works on
-    a sharded model too (the embedding table is gathered once; each rank keeps its part of the prompt)."""
+    a sharded or partitioned model too (the embedding table is gathered once; each rank keeps its part of
+    the prompt)."""
     from launcher.weights import full_value, set_full_value
 
     if not token_ids:
         raise FTLError("`method.prompt_tuning.init_text` tokenizes to nothing; give some words.")
     prompt = model.prompt_encoder["default"].embedding.weight
     ids = torch.tensor((token_ids * (prompt.shape[0] // len(token_ids) + 1))[: prompt.shape[0]])
-    table = full_value(model.get_input_embeddings().weight)
-    set_full_value(prompt, table[ids.to(table.device)].to(prompt.dtype))
+    with full_value(model.get_input_embeddings().weight) as table:
+        set_full_value(prompt, table[ids.to(table.device)].to(prompt.dtype))
 
 
 def trainable_params(model: torch.nn.Module) -> int:

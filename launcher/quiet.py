@@ -23,6 +23,8 @@ NOISE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"`torch\.jit\.script_method` is deprecated", DeprecationWarning),
     # torch.distributed.checkpoint read by one process (`ftl export`, the final model): what FTL means to do.
     (r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning),
+    # DeepSpeed's ZeRO-3 gathers and scatters through collectives torch 2.13 renamed: said on every step.
+    (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning),
 )
 
 # DeepSpeed's own logger (it sets its level when imported, so a filter, not a level, holds it).

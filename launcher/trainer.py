@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -87,15 +88,18 @@ class Trainer:
         self.strategy = get_strategy(plan.strategy)(strategy_config(spec, plan), self.rt.ctx)
         seed_everything(spec.train.seed)  # same seed on every rank: identical init
         # Strategies that shard (FSDP2) get the model on the meta device, method applied, and materialise it
-        # shard by shard (launcher/weights.py): no rank holds the whole model, whatever the method or task.
-        # Except a random base that checkpoints will not hold (PEFT saves adapters only): it must come back
-        # from the seed alone, in the export too, so it is drawn whole as a plain build draws it. Only
-        # small test and demo models put adapters on random weights.
-        meta = self.strategy.meta_init and (pretrained_weights(spec) is not None or not spec.method.is_peft)
-        model = build_model(
-            spec, meta=meta, label_names=self.label_names, pad_token_id=tokenizer.pad_token_id, device=device,
-            four_bit=meta and spec.method.name == "qlora", strategy=plan.strategy,
-        )
+        # shard by shard (launcher/weights.py); ZeRO-3 builds it partitioned (zero.Init): no rank holds the
+        # whole model, whatever the method or task. Except a random base that checkpoints will not hold (PEFT
+        # saves adapters only): it must come back from the seed alone, in the export too, so it is drawn
+        # whole as a plain build draws it. Only small test and demo models put adapters on random weights.
+        whole = pretrained_weights(spec) is None and spec.method.is_peft
+        meta = self.strategy.meta_init and not whole
+        partitioned = self.strategy.partitions_at_build and not whole
+        with self.strategy.building() if partitioned else nullcontext():
+            model = build_model(
+                spec, meta=meta, label_names=self.label_names, pad_token_id=tokenizer.pad_token_id, device=device,
+                four_bit=meta and spec.method.name == "qlora", strategy=plan.strategy,
+            )
         check_vocab(tokenizer, model.get_input_embeddings().num_embeddings)
         self.collate = collator(spec, tokenizer, self.label_names)
         self.enter_phase(self.schedule.phase_index(self.start_step + 1))
@@ -120,7 +124,8 @@ class Trainer:
             with all_trainable(self.blocks if self.gradual else []):
                 return build_optimizer(wrapped, spec.train, device.type, heads, new_head)
 
-        if not meta and spec.method.name != "qlora":  # 4-bit weights are placed on the device as they load
+        # 4-bit weights are placed on the device as they load; ZeRO-3's partitions where they were built.
+        if not meta and spec.method.name != "qlora" and not partitioned:
             model = model.to(device)
         self.model = model
         weights = None

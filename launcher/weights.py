@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,9 +156,17 @@ def checkpoint_key(name: str) -> str:
     return _PEFT_COMPONENTS.sub("", name)
 
 
-def full_value(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value (gathered if it is a shard)."""
-    return param.full_tensor() if isinstance(param, DTensor) else param
+@contextmanager
+def full_value(param: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A parameter's whole value while the context lasts: gathered if it is an FSDP2 shard, or a ZeRO-3
+    partition (which DeepSpeed gathers in place and partitions again on exit)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            yield param.data
+    else:
+        yield param.full_tensor() if isinstance(param, DTensor) else param
 
 
 @torch.no_grad()

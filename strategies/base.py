@@ -8,7 +8,7 @@ optimizer step with clipping, and how its state is saved and loaded.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -49,6 +49,7 @@ class Weights(Protocol):
 class Strategy(Protocol):
     name: str
     meta_init: bool  # True: the loop builds the model on the meta device and setup() materialises it
+    partitions_at_build: bool  # True: the model is built partitioned across ranks, where building() puts it
     model: torch.nn.Module  # the wrapped model; call it for forward
     optimizer: torch.optim.Optimizer
 
@@ -60,6 +61,10 @@ class Strategy(Protocol):
         """Wrap `model` (whose repeated transformer blocks are `blocks`) and build its optimizer over the
         wrapped parameters. Unless `meta_init`, the model arrives loaded on ctx.device; with it, on meta,
         and `weights` fills it once it is sharded and allocated."""
+
+    def building(self) -> AbstractContextManager:
+        """Context the loop builds the model in (ZeRO-3: partitioned as it is created)."""
+        return nullcontext()
 
     def accumulate(self, sync: bool) -> AbstractContextManager:
         """Context for one micro-batch's forward+backward; gradients sync across ranks only if `sync`."""

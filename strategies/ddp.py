@@ -17,11 +17,15 @@ from strategies.dcp_state import ReusedBufferStager, load_model_and_optimizer, s
 class DDPStrategy:
     name = "ddp"
     meta_init = False  # every rank holds the whole model anyway
+    partitions_at_build = False
 
     def __init__(self, config: StrategyConfig, ctx: RankContext) -> None:
         self.config = config
         self.ctx = ctx
         self.stager = ReusedBufferStager()  # host buffers for background saves, kept from one save to the next
+
+    def building(self) -> AbstractContextManager:
+        return nullcontext()  # every rank builds the whole model
 
     def setup(
         self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None = None

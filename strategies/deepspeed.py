@@ -77,6 +77,28 @@ class DeepSpeedStrategy:
         self.name = config.name
         self.trainable_only = config.trainable_only
         self.ds_config = deepspeed_config(config, ctx.world_size)
+        self.hf_config = None
+
+    @property
+    def partitions_at_build(self) -> bool:
+        return self.ds_config["zero_optimization"]["stage"] == 3
+
+    def building(self) -> AbstractContextManager:
+        """ZeRO-3 builds the model partitioned: transformers' from_config / from_pretrained enter
+        deepspeed.zero.Init while an HfDeepSpeedConfig is alive, so each parameter is split across the
+        ranks as it is created and pretrained weights are read into the partitions. Built whole instead,
+        every rank would hold the full fp32 model in host memory, and deepspeed.initialize would move all
+        of it to every GPU before partitioning (the plan counts a partition). The config object stays alive
+        for the run: transformers and PEFT find it through a weak reference."""
+        if self.partitions_at_build and self.hf_config is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            deepspeed = import_deepspeed()
+            # zero.Init reads the world from DeepSpeed's comm layer: let it adopt the runtime's group first,
+            # as deepspeed.initialize would later.
+            deepspeed.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name())
+            self.hf_config = HfDeepSpeedConfig(self.ds_config)
+        return nullcontext()
 
     def setup(
         self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None = None

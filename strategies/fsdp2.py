@@ -26,12 +26,16 @@ from strategies.dcp_state import ReusedBufferStager, load_model_and_optimizer, s
 class FSDP2Strategy:
     name = "fsdp2"
     meta_init = True
+    partitions_at_build = False
     offload = False
 
     def __init__(self, config: StrategyConfig, ctx: RankContext) -> None:
         self.config = config
         self.ctx = ctx
         self.stager = ReusedBufferStager()  # host buffers for background saves, kept from one save to the next
+
+    def building(self) -> AbstractContextManager:
+        return nullcontext()  # the loop builds on meta; setup() materialises the shards
 
     def mesh(self) -> DeviceMesh:
         world, group = self.ctx.world_size, self.config.shard_group

@@ -1,0 +1,37 @@
+"""ZeRO-3 builds the model partitioned (strategies/deepspeed.py `building()`): each rank holds its share of
+every parameter from the moment it is created, whether drawn from the seed or read from a folder, so no
+rank holds the whole model in host memory, and `deepspeed.initialize` has no whole model to move to a
+GPU (the plan counts a partition). Real 2-rank builds; that the partitions hold the right values is
+test_parity.py's zero3 runs (the same losses as DDP from the same folder)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_spec
+from tests.strategies.test_meta_build import build_on_two_ranks
+
+
+@pytest.mark.parametrize("strategy, source", [("zero3", "config"), ("zero3_offload", "folder"), ("zero2", "config")])
+def test_zero3_ranks_hold_a_share_of_every_parameter_from_the_start(tmp_path: Path, tiny_model_dir: Path, strategy: str, source: str) -> None:
+    model = {"name_or_path": str(tiny_model_dir), "init": "pretrained"} if source == "folder" else {}
+    spec = tiny_spec(tmp_path, model=model, hardware={"gpus_per_node": 2}, strategy=strategy)
+    if source == "folder":
+        spec["model"].pop("config")
+    prefix = build_on_two_ranks(tmp_path, spec, "tests.hosts.zero3_build_rank")
+    ranks = [json.loads(Path(f"{prefix}-{rank}.json").read_text()) for rank in (0, 1)]
+    whole = sum(size["whole"] for size in ranks[0]["sizes"].values())
+    assert whole > 100_000 and len(ranks[0]["sizes"]) > 10
+    for built in ranks:
+        held = sum(size["held"] for size in built["sizes"].values())
+        if strategy == "zero2":  # not partitioned: every rank builds the whole model
+            assert not built["partitions_at_build"] and held == whole
+            continue
+        assert built["partitions_at_build"]
+        for name, size in built["sizes"].items():
+            assert size["held"] <= math.ceil(size["whole"] / 2), name  # a share, padded at most to even
+        assert held <= whole / 2 + len(built["sizes"])
