@@ -20,6 +20,7 @@ save at once and train on: Ray then restarts the group from that checkpoint, cou
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -112,6 +113,12 @@ def worker(config: dict) -> None:
 
     run_dir = Path(config["run_dir"])
     env = RankEnv.from_env()  # Ray sets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE
+    if torch.cuda.is_available():
+        # Ray's workers on a node share one CUDA_VISIBLE_DEVICES, sorted as text ("0,1,10,11,2,..."): the GPU a
+        # worker was given is Ray's answer, not its local rank's position in that list.
+        from ray.train.torch import get_device
+
+        env = dataclasses.replace(env, device_index=get_device().index)
     # A restart after a mistake in the job (outcome.json says so; the driver cleared it before this fit):
     # the same mistake would come back, so every worker returns and the driver exits 2 with it.
     ended = read_outcome(run_dir)

@@ -24,7 +24,7 @@ from launcher.planner import replan_for_world
 from launcher.quiet import hide_library_warnings
 from launcher.rank_env import RankEnv
 from launcher.rank_log import rank_log_header, rank_log_path, tee_output
-from launcher.runtime import RankRuntime, resolve_device
+from launcher.runtime import RankRuntime, check_precision, resolve_device
 from launcher.stop import SignalStop, StopSource
 from launcher.trainer import Trainer
 
@@ -78,7 +78,8 @@ def plan_for_world(job: RankJob, env: RankEnv) -> tuple:
     """(device, plan) for the ranks that started: the plan as written, or re-planned openly for another
     world size when a checkpoint is there to resume from."""
     planned = job.plan.request
-    device = resolve_device(planned.device, env.local_rank, str(job.run_dir / "plan.json"))
+    device = resolve_device(planned.device, env.cuda_index, str(job.run_dir / "plan.json"))
+    check_precision(device, planned.precision, str(job.run_dir / "plan.json"))
     plan = job.plan
     if env.world_size != planned.world_size:
         if not (checkpoint_root(job.run_dir) / LATEST).is_file():

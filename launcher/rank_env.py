@@ -12,6 +12,10 @@ class RankEnv:
     local_rank: int
     world_size: int
     local_world_size: int
+    # The CUDA device index this rank uses when its host chose it (Ray Train: `ray.train.torch.get_device()`;
+    # its workers on a node share one CUDA_VISIBLE_DEVICES whose order need not follow the local ranks);
+    # otherwise the local rank.
+    device_index: int | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "RankEnv":
@@ -34,6 +38,10 @@ class RankEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def cuda_index(self) -> int:
+        return self.local_rank if self.device_index is None else self.device_index
 
 
 # `ftl --verbose`: third-party warnings and notices are shown instead of hidden (launcher/quiet.py). The CLI

@@ -26,21 +26,34 @@ def default_group_backend(device_type: str) -> str:
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
-def resolve_device(planned: str, local_rank: int, plan_file: str) -> torch.device:
-    """The plan's device on this rank. A cuda plan on a machine without CUDA (or with fewer devices than
-    ranks on the node) stops here, before anything is written or any group is joined."""
+def resolve_device(planned: str, index: int, plan_file: str) -> torch.device:
+    """The plan's device on this rank: CUDA device `index` (RankEnv.cuda_index: the local rank, or the one
+    the host chose). A cuda plan on a machine without CUDA (or with fewer devices than ranks on the node)
+    stops here, before anything is written or any group is joined."""
     if planned != "cuda":
         return torch.device("cpu")
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if local_rank >= have:
-        found = "no CUDA device" if have == 0 else f"{have} CUDA device(s) for local rank {local_rank}"
+    if index >= have:
+        found = "no CUDA device" if have == 0 else f"{have} CUDA device(s), and this rank is to use device {index}"
         raise FTLError(
             f"The plan {plan_file} was made for CUDA GPUs, but this rank's machine has {found}. Ranks run exactly "
             "the plan they are given: run the job where its GPUs are, or re-plan for this machine with "
             "`ftl run JOB.yaml hardware.device=cpu` (or `--gpus N` for the GPUs it has)."
         )
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def check_precision(device: torch.device, precision: str, plan_file: str) -> None:
+    """bf16 (the plan's default on CUDA) on a GPU without bf16 arithmetic (before Ampere: V100, T4) would not
+    fail: torch emulates it, many times slower. Stop instead, before anything is written."""
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise FTLError(
+            f"The plan {plan_file} trains in bf16, but this rank's GPU ({torch.cuda.get_device_name(device)}, compute "
+            f"capability {major}.{minor}) has no bf16 arithmetic; torch would emulate it, many times slower. Train in "
+            "fp32 there (`train.precision: fp32`, then `ftl run` again), or run on Ampere or newer GPUs."
+        )
 
 
 @dataclass

@@ -3,10 +3,13 @@ device, adopting a group the host created without destroying it, and control col
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 
+from launcher.errors import FTLError
 from launcher.rank_env import RankEnv
 from launcher.runtime import RankRuntime, default_group_backend
 from launcher.stop import PolledStop, SignalStop
@@ -81,3 +84,23 @@ def test_signal_stop_refuses_a_non_main_thread_and_polled_stop_works_there():
     thread.start()
     thread.join()
     assert "PolledStop" in seen["error"] and seen["before"] is None and seen["after"]
+
+
+def test_bf16_on_a_gpu_without_bf16_arithmetic_is_refused_before_anything_runs(monkeypatch):
+    """A V100 or T4 would emulate bf16 (the plan's default on CUDA), many times slower, without an error. The
+    GPU's answers are stood in for (no GPU here); the decision made on them is the code under test."""
+    from launcher.runtime import check_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    with pytest.raises(FTLError, match=r"V100.*capability 7\.0.*`train\.precision: fp32`"):
+        check_precision(torch.device("cuda", 0), "bf16", "run/plan.json")
+    check_precision(torch.device("cuda", 0), "fp32", "run/plan.json")  # fp32 runs there
+    check_precision(torch.device("cpu"), "bf16", "run/plan.json")  # the CPU is not asked
+
+
+def test_a_device_the_host_chose_wins_over_the_local_rank():
+    env = RankEnv.from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert env.cuda_index == 1
+    assert dataclasses.replace(env, device_index=2).cuda_index == 2  # Ray's get_device() for this worker
