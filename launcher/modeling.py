@@ -77,7 +77,7 @@ def build_model(
                 model = cls.from_config(config, dtype=torch.float32, **extra)
             model.tie_weights()  # init_empty_weights re-registers parameters, which unties shared ones
             if four_bit:
-                four_bit_skeleton(model, spec, four_bit_compute_dtype(spec, (device or torch.device("cpu")).type))
+                four_bit_skeleton(model, spec, (device or torch.device("cpu")).type)
         elif spec.method.name == "qlora":
             model = _load_4bit(spec, config, cls, device or torch.device("cpu"), traits(strategy or "ddp").dtensor_params)
         elif pretrained_weights(spec) is not None:
@@ -116,26 +116,35 @@ def four_bit_compute_dtype(spec: JobSpec, device_type: str) -> torch.dtype:
     return torch.bfloat16 if choice == "bf16" else torch.float32
 
 
-def four_bit_skeleton(model: torch.nn.Module, spec: JobSpec, compute: torch.dtype) -> None:
+def four_bit_storage_dtype(spec: JobSpec, device_type: str) -> torch.dtype:
+    """The dtype FSDP2 sees the packed 4-bit bytes as: its param dtype (the job's precision), so that its
+    mixed-precision cast (which covers frozen parameters too) is no cast at all. With any other dtype it
+    would convert the packed words numerically: garbage weights (bf16 precision with `compute_dtype: fp32`)."""
+    return torch.bfloat16 if resolve_precision(spec.train.precision, device_type) == "bf16" else torch.float32
+
+
+def four_bit_skeleton(model: torch.nn.Module, spec: JobSpec, device_type: str) -> None:
     """Replace every Linear outside the task head by a bitsandbytes 4-bit layer whose weight is the packed
     4-bit data, still on meta, so FSDP2 shards the packed bytes (launcher/weights.py quantises each weight
-    into its shards). The packed storage dtype is the compute dtype: sharding and mixed-precision casts
-    then move the bytes as opaque elements (Answer.AI's FSDP-QLoRA storage choice)."""
+    into its shards). The packed storage dtype is FSDP2's param dtype (four_bit_storage_dtype): sharding
+    and mixed-precision casts then move the bytes as opaque elements (Answer.AI's FSDP-QLoRA storage
+    choice, where storage and compute dtype are both bf16)."""
     import bitsandbytes as bnb
 
     qlora = spec.method.qlora
+    compute, storage = four_bit_compute_dtype(spec, device_type), four_bit_storage_dtype(spec, device_type)
     skip = set(head_names(model, spec.task.num_labels if spec.task.name == "classification" else None))
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or name in skip:
             continue
         layer = bnb.nn.Linear4bit(
             module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=compute,
-            compress_statistics=qlora.double_quant, quant_type=qlora.quant_type, quant_storage=compute, device="meta",
+            compress_statistics=qlora.double_quant, quant_type=qlora.quant_type, quant_storage=storage, device="meta",
         )
-        packed = torch.empty(((module.in_features * module.out_features + 1) // (compute.itemsize * 2), 1), dtype=compute, device="meta")
+        packed = torch.empty(((module.in_features * module.out_features + 1) // (storage.itemsize * 2), 1), dtype=storage, device="meta")
         layer.weight = bnb.nn.Params4bit(
             packed, requires_grad=False, compress_statistics=qlora.double_quant, quant_type=qlora.quant_type,
-            quant_storage=compute, module=layer, bnb_quantized=True,
+            quant_storage=storage, module=layer, bnb_quantized=True,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -150,11 +159,11 @@ def store_frozen_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
-def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device, storage_as_compute: bool) -> torch.nn.Module:
+def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch.device, fsdp_storage: bool) -> torch.nn.Module:
     """A whole QLoRA base (DDP, ZeRO-1/2, or a random FSDP2 base: see launcher/trainer.py): the block
     Linears quantised to 4 bits by bitsandbytes as they load. bitsandbytes quantises in `from_pretrained`
-    only, so a random-init job first writes its random model to a temporary folder. `storage_as_compute`
-    (FSDP2): the packed storage dtype is the compute dtype, as in four_bit_skeleton.
+    only, so a random-init job first writes its random model to a temporary folder. `fsdp_storage`
+    (FSDP2): the packed storage dtype is FSDP2's param dtype, as in four_bit_skeleton.
     """
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
@@ -169,7 +178,7 @@ def _load_4bit(spec: JobSpec, config: PretrainedConfig, cls: type, device: torch
         bnb_4bit_quant_type=qlora.quant_type,
         bnb_4bit_use_double_quant=qlora.double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=compute if storage_as_compute else torch.uint8,
+        bnb_4bit_quant_storage=four_bit_storage_dtype(spec, device.type) if fsdp_storage else torch.uint8,
         llm_int8_skip_modules=skip,  # the task head stays dense: it is trained in full
     )
     device_map = {"": device.index if device.type == "cuda" else "cpu"}

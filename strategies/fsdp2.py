@@ -68,6 +68,14 @@ class FSDP2Strategy:
                 for name, buf in buffers.items():  # non-persistent buffers (e.g. RoPE inv_freq) were real: restore
                     model.get_buffer(name).copy_(buf)
                 weights.fill(model)
+                if self.offload and self.ctx.device.type != "cpu":
+                    # Offload moves parameter shards to the host, not buffers: the forward uses them on the
+                    # GPU (BERT indexes its embeddings with position_ids), as torchtitan keeps them. to_empty
+                    # put them on the host with the shards; move them back, as Module.to does (by _buffers).
+                    for module in model.modules():
+                        for key, buf in module._buffers.items():
+                            if buf is not None:
+                                module._buffers[key] = buf.to(self.ctx.device)
         # else: the model arrived built (see launcher/trainer.py for when) and fully_shard has kept only this
         # rank's shard of each parameter.
         self.model = model

@@ -56,3 +56,18 @@ def test_two_step_job_on_nccl_runs_its_cpu_control_collectives(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads((tmp_path / "run" / "outcome.json").read_text())
     assert outcome["outcome"] == "done" and outcome["step"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fsdp2_offload", "zero3", "zero3_offload"])
+def test_sharded_and_offloaded_strategies_train_the_pretrained_minilm_on_cuda(strategy, tmp_path):
+    """Read twice, never run here: fsdp2_offload keeps BERT's buffers (position_ids) on the GPU while the
+    parameter shards live on the host; ZeRO-3 builds the model partitioned (no whole model on any GPU)."""
+    gpus = min(2, torch.cuda.device_count())
+    result = run_ftl(
+        "run", "configs/minilm-classify.yaml", "hardware.device=cuda", f"--gpus={gpus}", f"strategy={strategy}",
+        "train.max_steps=30", f"output_dir={tmp_path}/run", timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "run" / "outcome.json").read_text())
+    assert outcome["outcome"] == "done" and outcome["step"] == 30
