@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -66,7 +67,8 @@ class Measured:
 
 def cpu_ticks(rank_marker: str) -> tuple[int, int]:
     """(ranks', everyone else's) CPU ticks (user + system) so far, over every process in /proc; a rank is a
-    process whose command line holds `rank_marker`."""
+    process whose command line holds `rank_marker`. A process that ends inside the window takes its ticks
+    with it (short-lived helpers are missed), which the steady window of a training run makes rare."""
     ranks = others = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -79,7 +81,7 @@ def cpu_ticks(rank_marker: str) -> tuple[int, int]:
         except OSError:  # gone meanwhile
             continue
         ticks = int(fields[11]) + int(fields[12])  # utime, stime
-        if rank_marker.encode() in command:
+        if rank_marker.encode() in command and b"cluster.torchrun" not in command:  # not torchrun's agent
             ranks += ticks
         else:
             others += ticks
@@ -251,8 +253,12 @@ def main() -> None:
         if started_ray:
             subprocess.run(["bash", "tests/ray/stop-local-ray.sh"], cwd=REPO, capture_output=True)
 
+    def median_of(ms: list[Measured], field: str) -> float:
+        values = [v for m in ms if not math.isnan(v := getattr(m, field))]  # a CPU window a run never reached: NaN
+        return statistics.median(values) if values else float("nan")
+
     median = {
-        backend: tuple(statistics.median(getattr(m, field) for m in ms) for field in ("first_step_s", "steps_per_s", "rank_cpu_pct", "other_cpu_pct"))
+        backend: tuple(median_of(ms, field) for field in ("first_step_s", "steps_per_s", "rank_cpu_pct", "other_cpu_pct"))
         for backend, ms in results.items()
     }
     print(f"{'backend':9s} {'first step s':>12s} {'steady steps/s':>15s} {'ranks CPU %':>12s} {'others CPU %':>13s}")

@@ -220,7 +220,8 @@ def param_groups(named_params, train: TrainSpec, heads: list[str], body_ratio: f
     buckets: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
     for name, param in named_params:
         if param.requires_grad:
-            key = (is_head_param(name, heads) or body_ratio == 1.0, param.ndim >= 2)
+            # A ZeRO-3 parameter built partitioned is an empty placeholder: its shape is ds_shape.
+            key = (is_head_param(name, heads) or body_ratio == 1.0, len(getattr(param, "ds_shape", param.shape)) >= 2)
             buckets.setdefault(key, []).append(param)
     groups = []
     for (head, matrix), params in sorted(buckets.items(), reverse=True):

@@ -78,6 +78,10 @@ class DeepSpeedStrategy:
         self.trainable_only = config.trainable_only
         self.ds_config = deepspeed_config(config, ctx.world_size)
         self.hf_config = None
+        if ctx.device.type == "cuda":
+            # DeepSpeed (zero.Init, the engine) picks its GPU from LOCAL_RANK. Under Ray the rank's GPU is the
+            # one Ray gave it (launcher/rank_env.py device_index), which need not be the local rank's.
+            os.environ["LOCAL_RANK"] = str(ctx.device.index)
 
     @property
     def partitions_at_build(self) -> bool:
@@ -104,6 +108,14 @@ class DeepSpeedStrategy:
         self, model: torch.nn.Module, blocks: list[torch.nn.Module], build_optimizer: OptimizerFactory, weights: Weights | None = None
     ) -> None:
         deepspeed = import_deepspeed()
+        if self.hf_config is not None and self.ctx.compute_dtype != torch.float32:
+            # Built partitioned, the base is in bf16 already (zero.Init's dtype) and deepspeed.initialize skips
+            # its cast of the module, so what was added after the build (PEFT's adapters and prompt, upcast to
+            # fp32; a copied head) would stay fp32, and ZeRO-3 needs one dtype over its flat partitions. Cast
+            # them as the engine casts a model built whole.
+            for param in model.parameters():
+                if not hasattr(param, "ds_id") and param.is_floating_point() and param.dtype != self.ctx.compute_dtype:
+                    param.data = param.data.to(self.ctx.compute_dtype)
         optimizer = build_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.model = self.engine

@@ -35,3 +35,23 @@ def test_zero3_ranks_hold_a_share_of_every_parameter_from_the_start(tmp_path: Pa
         for name, size in built["sizes"].items():
             assert size["held"] <= math.ceil(size["whole"] / 2), name  # a share, padded at most to even
         assert held <= whole / 2 + len(built["sizes"])
+
+
+def test_adapters_added_after_a_partitioned_build_train_in_bf16(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """In bf16, zero.Init builds the base in bf16 and deepspeed.initialize then casts nothing, while PEFT's
+    adapters are fp32 and a classifier's trained head copy bf16: ZeRO-3 asserts one dtype over its flat
+    partitions (this run failed there). The strategy casts what came after the build, as DeepSpeed casts a
+    model built whole. LoRA on a classifier from a folder, bf16 on CPU."""
+    from tests.conftest import REPO, run_ftl, write_spec
+
+    spec = tiny_spec(
+        tmp_path, model={"name_or_path": str(tiny_model_dir), "init": "pretrained"}, hardware={"gpus_per_node": 2}, strategy="zero3",
+        task={"name": "classification", "num_labels": 4}, data={"train": str(REPO / "configs/data/topics.jsonl")},
+        method={"name": "lora", "lora": {"r": 4}}, train={"max_steps": 6, "log_every": 1, "lr": 3e-3, "precision": "bf16"},
+    )
+    spec["model"].pop("config")
+    result = run_ftl("run", str(write_spec(tmp_path, spec)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
